@@ -1,0 +1,77 @@
+"""Plot return against environment steps and against wall-clock time, mean +- std over seeds.
+
+    python benchmarks/plot.py benchmarks/results/ppo_discrete/CartPole-v1 --out benchmarks/cartpole.png
+    python benchmarks/plot.py results/ppo_continuous/Hopper-v4 results/trpo/Hopper-v4 --out hopper.png
+
+Each argument is a folder written by benchmarks/run.py (seed*.jsonl files); each becomes one curve labelled
+<script> on <env>. The y value is the mean return of the last 100 episodes at each iteration.
+Needs matplotlib (optional dependency: pip install matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def load_seeds(folder: Path, key: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per seed: (global_step, time, value) arrays of the iterations where `key` is known."""
+    seeds = []
+    for path in sorted(folder.glob("seed*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows = [r for r in rows if r.get(key) is not None]
+        seeds.append(tuple(np.array([r[k] for r in rows], dtype=float) for k in ("global_step", "time", key)))
+    if not seeds:
+        raise SystemExit(f"error: no seed*.jsonl in {folder}")
+    return seeds
+
+
+def mean_std_on_grid(xs: list[np.ndarray], ys: list[np.ndarray], points: int = 200):
+    """Interpolate every seed onto a shared x grid (up to the shortest seed's end), then mean and std."""
+    end = min(x[-1] for x in xs)
+    grid = np.linspace(max(x[0] for x in xs), end, points)
+    stacked = np.stack([np.interp(grid, x, y) for x, y in zip(xs, ys)])
+    return grid, stacked.mean(0), stacked.std(0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    parser.add_argument("--key", default="episodic_return_100", help="metric to plot")
+    parser.add_argument("--title", default=None)
+    args = parser.parse_args()
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+
+    fig, (ax_steps, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
+    for folder in args.folders:
+        seeds = load_seeds(folder, args.key)
+        label = f"{folder.parent.name} ({len(seeds)} seeds)"
+        for ax, column in ((ax_steps, 0), (ax_time, 1)):
+            grid, mean, std = mean_std_on_grid([s[column] for s in seeds], [s[2] for s in seeds])
+            ax.plot(grid, mean, label=label)
+            ax.fill_between(grid, mean - std, mean + std, alpha=0.2)
+    ax_steps.set_xlabel("environment steps")
+    ax_time.set_xlabel("wall-clock seconds (training loop)")
+    for ax in (ax_steps, ax_time):
+        ax.set_ylabel("return (mean of last 100 episodes)" if args.key == "episodic_return_100" else args.key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(args.title or args.folders[0].name)
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Train one script on one env for several seeds and store what came out.
+
+    python benchmarks/run.py ppo_discrete.py CartPole-v1 --seeds 1 2 3
+    python benchmarks/run.py ppo_continuous.py HalfCheetah-v4 --seeds 1 2 3 --jobs 2 -- --num-envs 1
+
+Seeds run in parallel, at most --jobs at a time (default: the number of cores). Everything after `--` goes
+to the script unchanged. Results land in benchmarks/results/<script>/<env>/:
+    seed<k>.jsonl   the run's per-iteration metrics (copied from runs/<run_name>/metrics.jsonl)
+    summary.json    command, seeds, machine, date, per-seed final return, mean and std over seeds
+The final return of a seed is the mean episodic return of its last 100 episodes (Stable-Baselines3's
+`ep_rew_mean`); the summary gives mean +- std of that over seeds (std with ddof=0, as cleanrl reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("script", help="e.g. ppo_discrete.py")
+    parser.add_argument("env_id", help="e.g. CartPole-v1")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="seeds run at once")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<script>/<env>")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="after --: passed to the script")
+    args = parser.parse_args()
+    extra = [a for a in args.script_args if a != "--"]
+    script = ROOT / args.script
+    if not script.exists():
+        raise SystemExit(f"error: no script {script}")
+    out = args.out or ROOT / "benchmarks" / "results" / script.stem / args.env_id
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    commands, procs, started = {}, {}, {}
+    pending = list(args.seeds)
+    start = time.time()
+    while pending or procs:
+        while pending and len(procs) < args.jobs:
+            seed = pending.pop(0)
+            cwd = work / f"seed{seed}"
+            cwd.mkdir(parents=True)
+            cmd = [sys.executable, str(script), "--env-id", args.env_id, "--seed", str(seed), *extra]
+            commands[seed] = " ".join(["python", args.script] + cmd[2:])
+            log = open(cwd / "stdout.log", "w")
+            procs[seed] = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+            started[seed] = time.time()
+            print(f"seed {seed}: started ({commands[seed]})", flush=True)
+        for seed, proc in list(procs.items()):
+            if proc.poll() is not None:
+                del procs[seed]
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                print(f"seed {seed}: {status} after {time.time() - started[seed]:.0f} s", flush=True)
+        time.sleep(1)
+
+    per_seed = {}
+    for seed in args.seeds:
+        runs = sorted((work / f"seed{seed}" / "runs").glob("*/metrics.jsonl"))
+        if not runs:
+            raise SystemExit(f"error: seed {seed} wrote no metrics; see {work / f'seed{seed}' / 'stdout.log'}")
+        shutil.copy(runs[-1], out / f"seed{seed}.jsonl")
+        metrics = [json.loads(line) for line in runs[-1].read_text().splitlines()]
+        last = metrics[-1]
+        per_seed[seed] = {
+            "final_return_last100": last["episodic_return_100"],
+            "global_step": last["global_step"],
+            "train_seconds": last["time"],
+            "sps": last["sps"],
+        }
+    finals = np.array([v["final_return_last100"] for v in per_seed.values()], dtype=float)
+    summary = {
+        "script": args.script,
+        "env_id": args.env_id,
+        "command": commands[args.seeds[0]].replace(f"--seed {args.seeds[0]}", "--seed <seed>"),
+        "seeds": args.seeds,
+        "parallel_jobs": args.jobs,
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_seconds_all_seeds": round(time.time() - start, 1),
+        "per_seed": per_seed,
+        "final_return_mean": float(finals.mean()),
+        "final_return_std": float(finals.std()),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    shutil.rmtree(work)
+    print(f"{args.script} {args.env_id}: final return {finals.mean():.2f} +- {finals.std():.2f} over seeds "
+          f"{args.seeds}; results in {out}")
+
+
+if __name__ == "__main__":
+    main()

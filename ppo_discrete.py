@@ -1,0 +1,622 @@
+"""PPO-Clip with a categorical policy, in one file.
+
+Run:
+    python ppo_discrete.py                                   # CartPole-v1, 500k steps, cleanrl's defaults
+    python ppo_discrete.py --env-id Acrobot-v1 --save-model  # any Discrete-action, flat-Box-observation env
+    python ppo_discrete.py --eval-checkpoint runs/<run_name>/ppo_discrete.pt   # evaluate a saved agent
+    python ppo_discrete.py --help                            # every flag, with its meaning
+
+What it implements, by section of the article "PPO and TRPO -- Trust Region Policy Optimization":
+    "Importance sampling"            ratio r_t = pi_theta(a|s) / pi_old(a|s)          -> ppo_clip_loss
+    "PPO-Clip: the central trick"    L^CLIP = E[min(r A, clip(r, 1-eps, 1+eps) A)]     -> ppo_clip_loss
+    "A complete PPO implementation"  GAE (lambda=0: TD, lambda=1: Monte Carlo)         -> compute_gae
+                                     loss = L^CLIP + c_vf L^V - c_ent H, grad clipping -> main (update)
+    "Debugging checklist"            approx KL, k1 = -log r and k3 = (r-1) - log r     -> approx_kl
+                                     explained variance 1 - Var(R - V) / Var(R)        -> explained_variance
+                                     advantage normalisation per minibatch             -> normalize_advantages
+    "Hyperparameter cheat sheet"     linear LR annealing, grad-norm clip               -> Args, main
+
+Differences from cleanrl's ppo.py, each on purpose (the README says why):
+    - a time-limit truncation is bootstrapped with gamma * V(final observation) instead of being treated as
+      terminal, and no update ever uses a transition across an autoreset (gymnasium 1.x SAME_STEP autoreset);
+    - the losses, the entropy and the clip fraction logged are means over every minibatch of the update, and
+      the approx KL is measured on the whole batch after the update (the "KL per update" of the checklist);
+    - --target-kl stops the update at the first minibatch whose KL passes it, not at the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+SCRIPT = "ppo_discrete"
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """name of this experiment (part of the run name runs/<env>__<exp_name>__<seed>__<time>)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """if set, cuDNN picks deterministic kernels (`torch.backends.cudnn.deterministic = True`)"""
+    cuda: bool = False
+    """run the networks and the rollout buffer on the GPU if there is one (falls back to the CPU with a notice)"""
+    torch_threads: int = 1
+    """CPU threads torch may use; 1 is fastest for 64-unit MLPs on small batches (benchmarks/SPEED.md)"""
+    track: bool = False
+    """log to Weights & Biases (works with WANDB_MODE=offline; a wandb error never stops training)"""
+    wandb_project_name: str = "trust-region-rl"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user); None: your default entity"""
+    capture_video: bool = False
+    """record episodes of env 0 to videos/<run_name>/ (needs moviepy, and pygame for classic control)"""
+    save_model: bool = False
+    """write runs/<run_name>/ppo_discrete.pt at the end (weights + args), then evaluate it"""
+    eval_checkpoint: Optional[str] = None
+    """if set: no training; load this checkpoint, run --eval-episodes episodes and print mean/std return"""
+    eval_episodes: int = 10
+    """episodes run by the evaluation after --save-model and by --eval-checkpoint (greedy actions)"""
+
+    # Algorithm (defaults: cleanrl's ppo.py, so the numbers compare directly)
+    env_id: str = "CartPole-v1"
+    """gymnasium id of an env with a Discrete action space and a flat Box observation"""
+    total_timesteps: int = 500_000
+    """environment steps in total, summed over the parallel envs"""
+    learning_rate: float = 2.5e-4
+    """Adam step size (typical 1e-4 to 3e-4)"""
+    num_envs: int = 4
+    """parallel environments (gymnasium SyncVectorEnv)"""
+    num_steps: int = 128
+    """steps per env per rollout; batch size = num_envs * num_steps"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over training"""
+    gamma: float = 0.99
+    """discount factor (typical 0.99 to 0.999)"""
+    gae_lambda: float = 0.95
+    """GAE lambda: 0 is one-step TD, 1 is the Monte-Carlo return (typical 0.9 to 0.99)"""
+    num_minibatches: int = 4
+    """minibatches per epoch; must divide the batch size"""
+    update_epochs: int = 4
+    """passes over each batch (typical 3 to 10)"""
+    norm_adv: bool = True
+    """normalise advantages to zero mean and unit std per minibatch"""
+    clip_coef: float = 0.2
+    """epsilon of the clipped surrogate: the ratio is clipped to [1 - eps, 1 + eps] (typical 0.1 to 0.3)"""
+    clip_vloss: bool = True
+    """clip the value update to +-clip_coef around the rollout's values, as in PPO2 (in return units)"""
+    ent_coef: float = 0.01
+    """weight of the entropy bonus c_ent (typical 0 to 0.01)"""
+    vf_coef: float = 0.5
+    """weight of the value loss c_vf (typical 0.5 to 1)"""
+    max_grad_norm: float = 0.5
+    """clip the global gradient norm to this (typical 0.5 to 1)"""
+    target_kl: Optional[float] = None
+    """if set, stop the update at the first minibatch whose approx KL (k3) exceeds it (typical 0.01 to 0.05)"""
+
+
+def check_args(args: Args) -> None:
+    """Raise ValueError with one readable sentence for settings that cannot train."""
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches != 0:
+        raise ValueError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
+            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
+        )
+    if args.total_timesteps < batch_size:
+        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not 0 <= args.gae_lambda <= 1:
+        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
+    if args.clip_coef <= 0:
+        raise ValueError(f"--clip-coef must be > 0, got {args.clip_coef}")
+    if args.target_kl is not None and args.target_kl <= 0:
+        raise ValueError(f"--target-kl must be > 0 (or None), got {args.target_kl}")
+    if args.capture_video:
+        missing = [m for m in ("moviepy", "pygame") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions: tensors in, tensors out. The tests import these; the other scripts carry identical copies.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    last_value: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised Advantage Estimation (Schulman et al. 2016), backwards over a rollout.
+
+    rewards, values, dones: [T, N]. dones[t] = 1 when the episode ended with transition t (terminated, or
+    truncated with gamma * V(final obs) already added to rewards[t]); then nothing flows back across t.
+    last_value: [N], V of the observation after step T-1.
+
+        delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t            (TD error)
+        A_t     = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}
+        returns = A + V                                                 (the value target)
+
+    Example, one env, gamma = 0.5, lambda = 1, values 0:
+        rewards [[1], [1], [1]], dones [[0], [1], [0]], last_value [2]
+        t=2: 1 + 0.5*2 = 2;  t=1: episode ends, 1;  t=0: 1 + 0.5*1 = 1.5  ->  advantages [[1.5], [1.], [2.]]
+    """
+    not_done = 1.0 - dones
+    next_values = torch.cat([values[1:], last_value.unsqueeze(0)])  # V_{t+1}: [T, N]
+    deltas = rewards + gamma * next_values * not_done - values  # all T TD errors at once
+    decay = gamma * gae_lambda * not_done
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(last_value)
+    for t in reversed(range(rewards.shape[0])):
+        next_advantage = deltas[t] + decay[t] * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values
+
+
+def normalize_advantages(advantages: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit std; applied per minibatch, as the article's checklist asks."""
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+def ppo_clip_loss(
+    new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor, clip_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negative clipped surrogate -L^CLIP (to minimise) and the clip fraction.
+
+    r = pi_theta / pi_old = exp(new_logprob - old_logprob); L^CLIP = mean(min(r A, clip(r, 1-eps, 1+eps) A)).
+    The min makes it pessimistic: for A > 0 the gradient vanishes once r > 1+eps, for A < 0 once r < 1-eps;
+    inside the band it equals the plain importance-sampling gradient.
+    clipfrac: share of samples with |r - 1| > eps (the checklist's "10-30% is healthy").
+
+    Example: r = 1.5, A = 2, eps = 0.2 -> min(3.0, 1.2 * 2) = 2.4, loss -2.4, clipfrac 1.
+    """
+    ratio = (new_logprob - old_logprob).exp()
+    surrogate = ratio * advantages
+    clipped_surrogate = ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef) * advantages
+    loss = -torch.min(surrogate, clipped_surrogate).mean()
+    clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
+    return loss, clipfrac
+
+
+def approx_kl(new_logprob: torch.Tensor, old_logprob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sample estimates of KL(pi_old || pi_theta) from actions drawn from pi_old (Schulman's k1 and k3).
+
+    k1 = mean(-log r): unbiased, but single samples can be negative.
+    k3 = mean((r - 1) - log r): unbiased and >= 0 per sample (log r <= r - 1); the one the article prefers.
+    """
+    logratio = new_logprob - old_logprob
+    k1 = (-logratio).mean()
+    k3 = (logratio.exp() - 1.0 - logratio).mean()
+    return k1, k3
+
+
+def value_loss(
+    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: Optional[float]
+) -> torch.Tensor:
+    """0.5 * MSE to the returns; with clip_coef, the PPO2 clipped form.
+
+    Clipped: V_clip = V_old + clip(V_new - V_old, -c, c), loss = 0.5 * mean(max((V_new - R)^2, (V_clip - R)^2)),
+    so a minibatch cannot move a value prediction more than c (in return units) past where it helps.
+    """
+    unclipped = (new_values - returns) ** 2
+    if clip_coef is None:
+        return 0.5 * unclipped.mean()
+    clipped_values = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
+    clipped = (clipped_values - returns) ** 2
+    return 0.5 * torch.max(unclipped, clipped).mean()
+
+
+def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+    """1 - Var(y_true - y_pred) / Var(y_true): 1 is a perfect critic, 0 no better than a constant, < 0 worse.
+    NaN when Var(y_true) == 0 (nothing to explain)."""
+    var_true = y_true.var(correction=0)
+    ev = 1.0 - (y_true - y_pred).var(correction=0) / var_true
+    return torch.where(var_true == 0, torch.full_like(ev, float("nan")), ev)
+
+
+def categorical_logprob_entropy(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(a|s) of the given actions and the entropy of pi(.|s), from logits [B, A] and actions [B].
+    Written out instead of torch.distributions.Categorical: same numbers, a third of the overhead per call."""
+    log_probs = logits.log_softmax(dim=-1)  # [B, A]
+    logprob = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [B]
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # [B]
+    return logprob, entropy
+
+
+def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
+    """One action per row of logits [B, A], drawn from softmax(logits), by the Gumbel-max trick:
+    argmax(logits + Gumbel noise), with Gumbel noise = -log(Exp(1)). Cheaper than torch.multinomial."""
+    return (logits - torch.empty_like(logits).exponential_().log()).argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain `std`, constant bias (implementation detail 2 of Huang et al. 2022)."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """Separate actor and critic MLPs (64-64 tanh), as in cleanrl's ppo.py.
+    The policy head starts at std 0.01 so the initial policy is near uniform."""
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden: int = 64):
+        super().__init__()
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, 1), std=1.0),
+        )
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, n_actions), std=0.01),
+        )
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs).squeeze(-1)  # [B]
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.actor(obs), self.value(obs)  # logits [B, A], value [B]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environments, logging, checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
+    """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
+    next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
+    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs."""
+
+    def make_one(index: int):
+        def thunk():
+            if args.capture_video and index == 0:
+                env = gym.make(args.env_id, render_mode="rgb_array")
+                return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
+            return gym.make(args.env_id)
+
+        return thunk
+
+    return gym.vector.SyncVectorEnv(
+        [make_one(i) for i in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+
+
+def check_env(env_id: str) -> tuple[int, int]:
+    """(obs_dim, n_actions) of env_id, or ValueError saying why this script cannot train on it."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as err:  # unknown id, wrong version, missing extra (box2d, ...)
+        raise ValueError(f"cannot make env {env_id!r}: {err}") from None
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(act_space, gym.spaces.Discrete):
+        raise ValueError(
+            f"{env_id} has a {type(act_space).__name__} action space; this script needs Discrete "
+            "(use ppo_continuous.py for Box actions)"
+        )
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(f"{env_id} observations are {obs_space}; this script needs a flat Box (a vector)")
+    return obs_space.shape[0], int(act_space.n)
+
+
+class Logger:
+    """Every iteration: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with
+    --track. A wandb error is printed once and turns wandb off; it never stops training."""
+
+    def __init__(self, args: Args, run_dir: str, run_name: str):
+        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
+        self.wandb_run = None
+        if args.track:
+            try:
+                import wandb
+
+                self.wandb_run = wandb.init(
+                    project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                    config=asdict(args), dir=run_dir,
+                )
+            except Exception as err:  # any wandb failure (no login, no network, bad entity): keep training
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+
+    def log(self, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
+        self.metrics_file.write(json.dumps(clean) + "\n")
+        def show(key, spec):
+            return "-" if metrics[key] is None else format(metrics[key], spec)
+
+        print(
+            f"iter {metrics['iteration']:>4} step {metrics['global_step']:>8} | "
+            f"return {show('episodic_return', '6.1f')} (last 100: {show('episodic_return_100', '6.1f')}) | "
+            f"kl {show('approx_kl_k3', '.4f')} clip {show('clipfrac', '.3f')} ent {show('entropy', '.3f')} "
+            f"ev {show('explained_variance', '5.2f')} | sps {metrics['sps']:.0f}"
+        )
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["global_step"])
+            except Exception as err:  # see __init__: training matters more than the dashboard
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+                self.wandb_run = None
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as err:
+                print(f"wandb finish failed: {type(err).__name__}: {err}")
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, or ValueError saying what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one that needs unpickling arbitrary code
+        raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True: {err}") from None
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    if script != SCRIPT:
+        raise ValueError(f"{path} was written by {script or 'something else'}.py, not {SCRIPT}.py")
+    return checkpoint
+
+
+def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -> np.ndarray:
+    """Returns of `episodes` full episodes of the saved agent acting greedily (argmax of its logits)."""
+    env_id = checkpoint["args"]["env_id"]
+    obs_dim, n_actions = check_env(env_id)
+    agent = Agent(obs_dim, n_actions).to(device)
+    agent.load_state_dict(checkpoint["model"])
+    env = gym.make(env_id)
+    returns = np.zeros(episodes)
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            with torch.no_grad():
+                logits = agent.actor(torch.as_tensor(obs, dtype=torch.float32, device=device))
+            obs, reward, terminated, truncated, _ = env.step(int(logits.argmax()))
+            returns[episode] += reward
+            done = terminated or truncated
+    env.close()
+    return returns
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pick_device(want_cuda: bool) -> torch.device:
+    if want_cuda and not torch.cuda.is_available():
+        print("--cuda: no CUDA device found, running on the CPU")
+    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    args = tyro.cli(Args, args=argv)
+    torch.set_num_threads(args.torch_threads)
+    device = pick_device(args.cuda)
+
+    if args.eval_checkpoint is not None:
+        try:
+            checkpoint = load_checkpoint(args.eval_checkpoint)
+            returns = evaluate(checkpoint, args.eval_episodes, args.seed, device)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        print(f"eval {checkpoint['args']['env_id']}: return {returns.mean():.2f} +- {returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        return {"eval_returns": returns}
+
+    # Every check happens before anything is written, so bad input leaves no run folder behind.
+    try:
+        check_args(args)
+        obs_dim, n_actions = check_env(args.env_id)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    logger = Logger(args, run_dir, run_name)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = make_envs(args, run_name)
+    agent = Agent(obs_dim, n_actions).to(device)
+    # fused=True: one kernel for the whole Adam step instead of several per parameter (same arithmetic).
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+
+    # Rollout buffer, preallocated on the device and overwritten every iteration.
+    T, N = args.num_steps, args.num_envs
+    obs = torch.zeros((T, N, obs_dim), device=device)
+    actions = torch.zeros((T, N), dtype=torch.long, device=device)
+    rewards = torch.zeros((T, N), device=device)
+    dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
+    truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
+    final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes
+
+    # Episode statistics stay on the host, next to the numpy rewards the envs return.
+    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=np.int64)
+    ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
+    last_100 = collections.deque(maxlen=100)
+
+    next_obs_np, _ = envs.reset(seed=args.seed)
+    next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
+    global_step, start_time = 0, time.time()
+
+    for iteration in range(1, num_iterations + 1):
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
+        optimizer.param_groups[0]["lr"] = lr
+        ended_return.fill(np.nan)
+        truncated_at.zero_()
+
+        # ---- rollout: T steps of N envs; per step only the actor runs (the critic runs once, batched, below) ----
+        for step in range(T):
+            obs[step] = next_obs
+            with torch.inference_mode():
+                action = sample_categorical(agent.actor(next_obs))  # [N], a ~ pi_old(.|s)
+            actions[step] = action
+
+            next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+            global_step += N
+            done = terminated | truncated
+            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            dones[step] = torch.as_tensor(done, dtype=torch.float32, device=device)
+            time_limit = truncated & ~terminated
+            if time_limit.any():
+                truncated_at[step] = torch.as_tensor(time_limit, dtype=torch.float32, device=device)
+                final_obs[step, time_limit] = torch.as_tensor(
+                    np.stack(info["final_obs"][time_limit]), dtype=torch.float32, device=device
+                )
+            next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
+
+            episode_return += reward
+            episode_length += 1
+            if done.any():
+                ended_return[step, done], ended_length[step, done] = episode_return[done], episode_length[done]
+                episode_return[done], episode_length[done] = 0.0, 0
+
+        # ---- pi_old's log-probs and values for the whole batch, one forward pass ----
+        b_obs, b_actions = obs.reshape(batch_size, obs_dim), actions.reshape(-1)
+        with torch.no_grad():
+            logits, b_values = agent(b_obs)
+            b_logprobs = categorical_logprob_entropy(logits, b_actions)[0]
+            values = b_values.reshape(T, N)
+            # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
+            # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal.
+            rewards += args.gamma * truncated_at * agent.value(final_obs)
+            advantages, returns = compute_gae(rewards, values, dones, agent.value(next_obs), args.gamma, args.gae_lambda)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+
+        # ---- update: update_epochs passes of num_minibatches minibatches ----
+        stats = []  # one [5] tensor per minibatch: policy loss, value loss, entropy, clipfrac, loss
+        stop = False
+        for epoch in range(args.update_epochs):
+            permutation = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb = permutation[start : start + minibatch_size]
+                logits, new_values = agent(b_obs[mb])
+                new_logprob, entropy = categorical_logprob_entropy(logits, b_actions[mb])
+                if args.target_kl is not None:
+                    # KL of the policy as it is now, on this minibatch: past the target, stop before stepping.
+                    _, kl_now = approx_kl(new_logprob.detach(), b_logprobs[mb])
+                    if kl_now.item() > args.target_kl:
+                        stop = True
+                        break
+                mb_advantages = normalize_advantages(b_advantages[mb]) if args.norm_adv else b_advantages[mb]
+                pg_loss, clipfrac = ppo_clip_loss(new_logprob, b_logprobs[mb], mb_advantages, args.clip_coef)
+                v_loss = value_loss(new_values, b_values[mb], b_returns[mb], args.clip_coef if args.clip_vloss else None)
+                entropy_mean = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_mean + args.vf_coef * v_loss
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                optimizer.step()
+                stats.append(torch.stack([pg_loss, v_loss, entropy_mean, clipfrac, loss]).detach())
+            if stop:
+                break
+
+        # ---- diagnostics: one host sync per iteration ----
+        with torch.no_grad():
+            logits, _ = agent(b_obs)
+            kl_k1, kl_k3 = approx_kl(categorical_logprob_entropy(logits, b_actions)[0], b_logprobs)
+            ev = explained_variance(b_values, b_returns)
+        names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss")
+        if stats:  # [minibatches done, 5]; empty only when --target-kl stopped before the first step
+            stats = torch.stack(stats)
+            bad = (~torch.isfinite(stats)).nonzero()
+            if len(bad):
+                minibatch, column = bad[0].tolist()
+                logger.close()
+                envs.close()
+                raise SystemExit(
+                    f"error: {names[column]} is {stats[minibatch, column].item()} at iteration {iteration}, "
+                    f"minibatch {minibatch + 1} (step {global_step}); stopping, nothing saved"
+                )
+        means = stats.mean(0).tolist() if len(stats) else [None] * len(names)
+        ended = ended_return[~np.isnan(ended_return)]
+        last_100.extend(ended.tolist())
+        elapsed = time.time() - start_time
+        logger.log({
+            "iteration": iteration,
+            "global_step": global_step,
+            "time": elapsed,
+            "sps": global_step / elapsed,
+            "learning_rate": lr,
+            **dict(zip(names, means)),
+            "approx_kl_k1": kl_k1.item(),
+            "approx_kl_k3": kl_k3.item(),
+            "explained_variance": ev.item(),
+            "update_minibatches": len(stats),
+            "episodes": len(ended),
+            "episodic_return": float(ended.mean()) if len(ended) else None,
+            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
+            "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+        })
+
+    envs.close()
+    summary = {
+        "global_step": global_step,
+        "time": time.time() - start_time,
+        "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+    }
+    if args.save_model:
+        path = os.path.join(run_dir, f"{SCRIPT}.pt")
+        torch.save({"script": SCRIPT, "model": agent.state_dict(), "args": asdict(args)}, path)
+        eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
+        print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        summary["eval_return_mean"] = float(eval_returns.mean())
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    logger.close()
+    print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
+          f"{summary['episodic_return_100']}; metrics in {run_dir}/metrics.jsonl")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Numerical tests of the functions every script carries a copy of (the contract).
+
+Each test runs once per script that defines the function, so the copies stay identical in behaviour.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import scripts_defining
+
+
+# ---------------------------------------------------------------------------------------------------------
+# compute_gae
+# ---------------------------------------------------------------------------------------------------------
+
+
+def reference_gae(rewards, values, dones, last_value, gamma, lam):
+    """A_t = sum_k (gamma lam)^k delta_{t+k}, the sum written out term by term and cut at the end of the
+    episode (the first done at or after t) or at the end of the rollout. Plain Python floats."""
+    T, N = rewards.shape
+    advantages = np.zeros((T, N))
+    for n in range(N):
+        for t in range(T):
+            total, weight = 0.0, 1.0
+            for k in range(t, T):
+                next_value = last_value[n] if k == T - 1 else values[k + 1, n]
+                delta = rewards[k, n] + gamma * next_value * (1.0 - dones[k, n]) - values[k, n]
+                total += weight * delta
+                if dones[k, n]:
+                    break
+                weight *= gamma * lam
+            advantages[t, n] = total
+    return advantages
+
+
+def random_rollout(T=20, N=3, seed=0, done_prob=0.15):
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(T, N, generator=g, dtype=torch.float64)
+    values = torch.randn(T, N, generator=g, dtype=torch.float64)
+    dones = (torch.rand(T, N, generator=g) < done_prob).double()
+    dones[5, 0] = 1.0  # at least one episode end inside the rollout
+    last_value = torch.randn(N, generator=g, dtype=torch.float64)
+    return rewards, values, dones, last_value
+
+
+@pytest.mark.parametrize("compute_gae", scripts_defining("compute_gae"))
+@pytest.mark.parametrize("gamma,lam", [(0.99, 0.95), (0.9, 0.0), (0.97, 1.0), (1.0, 0.5)])
+def test_gae_matches_written_out_sum(compute_gae, gamma, lam):
+    rewards, values, dones, last_value = random_rollout()
+    advantages, returns = compute_gae(rewards, values, dones, last_value, gamma, lam)
+    expected = reference_gae(rewards.numpy(), values.numpy(), dones.numpy(), last_value.numpy(), gamma, lam)
+    np.testing.assert_allclose(advantages.numpy(), expected, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(returns.numpy(), expected + values.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("compute_gae", scripts_defining("compute_gae"))
+def test_gae_lambda_zero_is_td0(compute_gae):
+    rewards, values, dones, last_value = random_rollout()
+    gamma = 0.9
+    advantages, _ = compute_gae(rewards, values, dones, last_value, gamma, 0.0)
+    next_values = torch.cat([values[1:], last_value[None]])
+    td0 = rewards + gamma * next_values * (1 - dones) - values
+    torch.testing.assert_close(advantages, td0)
+
+
+@pytest.mark.parametrize("compute_gae", scripts_defining("compute_gae"))
+def test_gae_lambda_one_gives_monte_carlo_returns(compute_gae):
+    rewards, values, dones, last_value = random_rollout()
+    gamma = 0.95
+    _, returns = compute_gae(rewards, values, dones, last_value, gamma, 1.0)
+    T, N = rewards.shape
+    for n in range(N):
+        for t in range(T):
+            # discounted reward sum to the episode end, or to the rollout end plus the bootstrap value
+            mc, discount = 0.0, 1.0
+            for k in range(t, T):
+                mc += discount * rewards[k, n].item()
+                discount *= gamma
+                if dones[k, n]:
+                    break
+            else:
+                mc += discount * last_value[n].item()
+            assert returns[t, n].item() == pytest.approx(mc, abs=1e-9)
+
+
+@pytest.mark.parametrize("compute_gae", scripts_defining("compute_gae"))
+def test_gae_nothing_leaks_across_done(compute_gae):
+    rewards, values, dones, last_value = random_rollout()
+    dones[:, 1] = 0.0
+    dones[7, 1] = 1.0  # env 1: one episode ends with transition 7
+    before, _ = compute_gae(rewards, values, dones, last_value, 0.99, 0.95)
+    rewards[8:, 1] += 100.0  # anything after the boundary...
+    values[8:, 1] -= 50.0
+    last_value[1] += 1000.0
+    after, _ = compute_gae(rewards, values, dones, last_value, 0.99, 0.95)
+    torch.testing.assert_close(after[:8, 1], before[:8, 1])  # ...does not reach the episode before it
+    assert not torch.allclose(after[8:, 1], before[8:, 1])
+
+
+@pytest.mark.parametrize("compute_gae", scripts_defining("compute_gae"))
+def test_gae_docstring_example(compute_gae):
+    advantages, returns = compute_gae(
+        torch.ones(3, 1), torch.zeros(3, 1), torch.tensor([[0.0], [1.0], [0.0]]), torch.tensor([2.0]), 0.5, 1.0
+    )
+    torch.testing.assert_close(advantages, torch.tensor([[1.5], [1.0], [2.0]]))
+    torch.testing.assert_close(returns, advantages)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ppo_clip_loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ppo_clip_loss", scripts_defining("ppo_clip_loss"))
+@pytest.mark.parametrize(
+    "ratio,advantage,expected",
+    [
+        (1.5, 2.0, -2.4),  # A > 0, r past 1+eps: capped at (1+eps) A
+        (0.5, 2.0, -1.0),  # A > 0, r below 1-eps: min keeps the smaller r A
+        (0.5, -1.0, 0.8),  # A < 0, r below 1-eps: capped at (1-eps) A
+        (1.5, -1.0, 1.5),  # A < 0, r past 1+eps: min keeps the more negative r A
+        (1.1, 3.0, -3.3),  # inside the band: plain r A
+    ],
+)
+def test_clip_loss_values(ppo_clip_loss, ratio, advantage, expected):
+    new = torch.tensor([math.log(ratio)], dtype=torch.float64)
+    loss, _ = ppo_clip_loss(new, torch.zeros(1, dtype=torch.float64), torch.tensor([advantage], dtype=torch.float64), 0.2)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("ppo_clip_loss", scripts_defining("ppo_clip_loss"))
+def test_clip_loss_gradient_zero_exactly_where_clipped(ppo_clip_loss):
+    eps = 0.2
+    ratios = torch.tensor([1.5, 1.3, 0.5, 0.7, 0.5, 1.5, 1.1, 0.9, 1.05, 0.95], dtype=torch.float64)
+    advs = torch.tensor([2.0, 1.0, -1.0, -2.0, 2.0, -1.0, 1.0, -1.0, -3.0, 0.5], dtype=torch.float64)
+    new = ratios.log().requires_grad_()
+    old = torch.zeros_like(new)
+    loss, clipfrac = ppo_clip_loss(new, old, advs, eps)
+    (grad,) = torch.autograd.grad(loss, new)
+    unclipped_grad = -(ratios * advs) / len(ratios)  # d/d(new_logprob) of -mean(r A), r = exp(new - old)
+    clipped = ((advs > 0) & (ratios > 1 + eps)) | ((advs < 0) & (ratios < 1 - eps))
+    assert clipped.tolist() == [True, True, True, True, False, False, False, False, False, False]
+    assert torch.all(grad[clipped] == 0.0)  # exactly zero, as the article says
+    torch.testing.assert_close(grad[~clipped], unclipped_grad[~clipped])
+    assert clipfrac.item() == pytest.approx(6 / 10)  # |r - 1| > eps for the first six
+
+
+@pytest.mark.parametrize("ppo_clip_loss", scripts_defining("ppo_clip_loss"))
+def test_clip_loss_at_old_policy_is_policy_gradient(ppo_clip_loss):
+    torch.manual_seed(0)
+    old = torch.randn(64, dtype=torch.float64)
+    new = old.clone().requires_grad_()
+    advs = torch.randn(64, dtype=torch.float64)
+    loss, clipfrac = ppo_clip_loss(new, old, advs, 0.2)
+    (grad,) = torch.autograd.grad(loss, new)
+    assert loss.item() == pytest.approx(-advs.mean().item())
+    torch.testing.assert_close(grad, -advs / 64)
+    assert clipfrac.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# approx_kl
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("approx_kl", scripts_defining("approx_kl"))
+def test_k3_nonnegative_per_sample_and_k1_can_be_negative(approx_kl):
+    torch.manual_seed(0)
+    logratios = torch.randn(500, dtype=torch.float64) * 2
+    per_sample = [approx_kl(lr.reshape(1), torch.zeros(1, dtype=torch.float64)) for lr in logratios]
+    assert all(k3.item() >= 0.0 for _, k3 in per_sample)
+    assert any(k1.item() < 0.0 for k1, _ in per_sample)
+    k1, k3 = approx_kl(torch.zeros(5), torch.zeros(5))
+    assert k1.item() == 0.0 and k3.item() == 0.0
+
+
+@pytest.mark.parametrize("approx_kl", scripts_defining("approx_kl"))
+def test_kl_estimators_unbiased_for_categoricals(approx_kl):
+    """Actions drawn from pi_old; both estimators' means match the exact KL(pi_old || pi_new) within 4
+    standard errors of the Monte-Carlo mean (n = 200k samples)."""
+    g = torch.Generator().manual_seed(1)
+    p_old = torch.softmax(torch.randn(6, generator=g, dtype=torch.float64), 0)
+    p_new = torch.softmax(torch.log(p_old) + 0.5 * torch.randn(6, generator=g, dtype=torch.float64), 0)
+    exact = (p_old * (p_old.log() - p_new.log())).sum().item()
+    actions = torch.multinomial(p_old, 200_000, replacement=True, generator=g)
+    old_lp, new_lp = p_old.log()[actions], p_new.log()[actions]
+    k1, k3 = approx_kl(new_lp, old_lp)
+    logratio = new_lp - old_lp
+    for estimate, samples in ((k1, -logratio), (k3, logratio.exp() - 1 - logratio)):
+        standard_error = samples.std().item() / math.sqrt(len(samples))
+        assert abs(estimate.item() - exact) < 4 * standard_error, (estimate.item(), exact, standard_error)
+    assert exact > 0.01  # the two policies really differ
+
+
+# ---------------------------------------------------------------------------------------------------------
+# value_loss, explained_variance
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value_loss", scripts_defining("value_loss"))
+def test_value_loss_plain_and_clipped(value_loss):
+    new = torch.tensor([1.0, 0.0, 2.0])
+    old = torch.tensor([0.0, 0.0, 2.5])
+    returns = torch.tensor([2.0, 1.0, 2.0])
+    # plain: 0.5 * mean((1-2)^2, (0-1)^2, 0) = 0.5 * 2/3
+    assert value_loss(new, old, returns, None).item() == pytest.approx(1 / 3)
+    # clipped at 0.2: V_clip = [0.2, 0.0, 2.3]; max(unclipped, clipped) = [max(1, 3.24), 1, max(0, 0.09)]
+    assert value_loss(new, old, returns, 0.2).item() == pytest.approx(0.5 * (3.24 + 1.0 + 0.09) / 3)
+
+
+@pytest.mark.parametrize("explained_variance", scripts_defining("explained_variance"))
+def test_explained_variance_cases(explained_variance):
+    y = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert explained_variance(y, y).item() == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(y, 2.5), y).item() == pytest.approx(0.0)
+    assert explained_variance(-y, y).item() < 0.0
+    # a constant offset leaves nothing unexplained in the variance
+    assert explained_variance(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])).item() == pytest.approx(1.0)
+    assert math.isnan(explained_variance(y, torch.full_like(y, 7.0)).item())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# categorical policy helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("categorical_logprob_entropy", scripts_defining("categorical_logprob_entropy"))
+def test_categorical_logprob_entropy_matches_torch_distributions(categorical_logprob_entropy):
+    torch.manual_seed(0)
+    logits = torch.randn(32, 5) * 3
+    actions = torch.randint(0, 5, (32,))
+    logprob, entropy = categorical_logprob_entropy(logits, actions)
+    dist = torch.distributions.Categorical(logits=logits)
+    torch.testing.assert_close(logprob, dist.log_prob(actions))
+    torch.testing.assert_close(entropy, dist.entropy())
+
+
+@pytest.mark.parametrize("sample_categorical", scripts_defining("sample_categorical"))
+def test_sample_categorical_frequencies(sample_categorical):
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.0, 1.0, -1.0, 2.0]]).repeat(100_000, 1)
+    counts = torch.bincount(sample_categorical(logits), minlength=4).double()
+    probs = torch.softmax(logits[0].double(), 0)
+    expected = probs * 100_000
+    # each count within 5 binomial standard deviations of its expectation
+    assert torch.all((counts - expected).abs() < 5 * (expected * (1 - probs)).sqrt()), (counts, expected)
