@@ -502,8 +502,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
             global_step += N
             done = terminated | truncated
-            rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
-            dones[step] = torch.as_tensor(done, dtype=torch.float32, device=device)
+            rewards[step] = torch.from_numpy(reward)  # copy_ into the float32 buffer casts (and moves to device)
+            dones[step] = torch.from_numpy(done)
             time_limit = truncated & ~terminated
             if time_limit.any():
                 truncated_at[step] = torch.as_tensor(time_limit, dtype=torch.float32, device=device)
