@@ -613,8 +613,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     logger.close()
+    final = summary["episodic_return_100"]
     print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
-          f"{summary['episodic_return_100']}; metrics in {run_dir}/metrics.jsonl")
+          f"{'-' if final is None else f'{final:.2f}'}; metrics in {run_dir}/metrics.jsonl")
     return summary
 
 

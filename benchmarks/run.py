@@ -46,9 +46,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="seeds run at once")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<script>/<env>")
-    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="after --: passed to the script")
-    args = parser.parse_args()
-    extra = [a for a in args.script_args if a != "--"]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    extra = argv[split + 1 :]  # everything after `--` goes to the script
     script = ROOT / args.script
     if not script.exists():
         raise SystemExit(f"error: no script {script}")

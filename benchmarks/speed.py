@@ -49,9 +49,10 @@ def main() -> None:
     parser.add_argument("--total-timesteps", type=int, default=None, help="passed to both")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/speed_<script>.json)")
-    parser.add_argument("common", nargs=argparse.REMAINDER, help="after --: flags passed to both scripts")
-    args = parser.parse_args()
-    common = [a for a in args.common if a != "--"]
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    common = argv[split + 1 :]  # everything after `--` goes to both scripts
     if args.env_id:
         common += ["--env-id", args.env_id]
     if args.total_timesteps:

@@ -1,6 +1,7 @@
 """End-to-end tests of ppo_discrete.py: smoke run, checkpoint round trip, determinism, bad input, NaN stop."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,29 @@ def test_nan_loss_stops_with_iteration_and_quantity(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"value_loss is nan at iteration 1, minibatch 1 "):
         ppo_discrete.main(TWO_ITERATIONS + ["--save-model"])
     assert not list(tmp_path.glob("runs/*/ppo_discrete.pt"))
+
+
+def test_wandb_failure_never_stops_training(tmp_path, monkeypatch, capsys):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.chdir(tmp_path)
+
+    def broken_init(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    ppo_discrete.main(TWO_ITERATIONS + ["--track"])
+    assert "wandb disabled, training goes on: RuntimeError: no network" in capsys.readouterr().out
+    assert len(read_metrics(run_dirs(tmp_path)[0])) == 2
+
+
+def test_wandb_offline_run(tmp_path):
+    pytest.importorskip("wandb")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "ppo_discrete.py"), *TWO_ITERATIONS, "--track"],
+        cwd=tmp_path, capture_output=True, text=True, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    assert list(run_dir.glob("wandb/offline-run-*"))
+    assert "wandb disabled" not in result.stdout
