@@ -121,6 +121,8 @@ def check_args(args: Args) -> None:
             f"--num-minibatches {args.num_minibatches} does not divide the batch size "
             f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
         )
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        raise ValueError("minibatches of 1 sample cannot be normalised (--norm-adv): use fewer --num-minibatches")
     if args.total_timesteps < batch_size:
         raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
     if not 0 < args.gamma <= 1:
@@ -206,6 +208,7 @@ def approx_kl(new_logprob: torch.Tensor, old_logprob: torch.Tensor) -> tuple[tor
 
     k1 = mean(-log r): unbiased, but single samples can be negative.
     k3 = mean((r - 1) - log r): unbiased and >= 0 per sample (log r <= r - 1); the one the article prefers.
+    (The "one-sample" k2 = mean(0.5 * (log r)^2) that the article warns about is biased; it is not used.)
     """
     logratio = new_logprob - old_logprob
     k1 = (-logratio).mean()
@@ -506,8 +509,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             dones[step] = torch.from_numpy(done)
             time_limit = truncated & ~terminated
             if time_limit.any():
-                truncated_at[step] = torch.as_tensor(time_limit, dtype=torch.float32, device=device)
-                final_obs[step, time_limit] = torch.as_tensor(
+                mask = torch.as_tensor(time_limit, device=device)
+                truncated_at[step] = mask
+                final_obs[step, mask] = torch.as_tensor(
                     np.stack(info["final_obs"][time_limit]), dtype=torch.float32, device=device
                 )
             next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
