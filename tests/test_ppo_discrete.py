@@ -197,3 +197,14 @@ def test_wandb_offline_run(tmp_path):
     (run_dir,) = run_dirs(tmp_path)
     assert list(run_dir.glob("wandb/offline-run-*"))
     assert "wandb disabled" not in result.stdout
+
+
+def test_capture_video_without_moviepy_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real_find_spec = ppo_discrete.importlib.util.find_spec
+    monkeypatch.setattr(
+        ppo_discrete.importlib.util, "find_spec", lambda name: None if name == "moviepy" else real_find_spec(name)
+    )
+    with pytest.raises(SystemExit, match="--capture-video needs moviepy: pip install moviepy"):
+        ppo_discrete.main(TWO_ITERATIONS + ["--capture-video"])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "videos").exists()
