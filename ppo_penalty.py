@@ -1,0 +1,865 @@
+"""PPO-Penalty: PPO with an adaptive KL penalty instead of the clip, in one file, for Discrete and Box actions.
+
+Run:
+    python ppo_penalty.py                                    # CartPole-v1, 500k steps, ppo_discrete.py's settings
+    python ppo_penalty.py --env-id HalfCheetah-v4 --total-timesteps 1000000 --learning-rate 3e-4 \
+        --num-envs 1 --num-steps 2048 --update-epochs 10 --num-minibatches 32 --ent-coef 0.0
+                                                             # MuJoCo: cleanrl's ppo_continuous.py settings
+    python ppo_penalty.py --kl-target 0.003 --init-beta 10   # a tighter trust region, a stiffer start
+    python ppo_penalty.py --eval-checkpoint runs/<run_name>/ppo_penalty.pt   # evaluate a saved agent
+    python ppo_penalty.py --help                             # every flag, with its meaning
+    python benchmarks/plot_beta.py runs/<run_name>/metrics.jsonl --out beta.png   # the adaptive-KL figure
+
+What it implements, by section of the article "PPO and TRPO -- Trust Region Policy Optimization":
+    "PPO-Penalty: the adaptive cousin"  L^KL = E[r A] - beta E[KL(pi_old || pi_theta)]  -> kl_penalty_loss
+                                        exact KL of the old and new action distributions -> categorical_kl,
+                                                                                            gaussian_kl
+                                        beta doubled above 1.5 x target, halved below
+                                        target / 1.5, after every iteration              -> update_beta
+    "Importance sampling"               ratio r_t = pi_theta(a|s) / pi_old(a|s)          -> kl_penalty_loss
+    "A complete PPO implementation"     GAE (lambda=0: TD, lambda=1: Monte Carlo)         -> compute_gae
+                                        loss = -L^KL + c_vf L^V - c_ent H, grad clipping -> main (update)
+    "Debugging checklist"               approx KL, k1 = -log r and k3 = (r-1) - log r,
+                                        logged beside the exact KL                       -> approx_kl
+                                        explained variance 1 - Var(R - V) / Var(R)        -> explained_variance
+                                        advantage normalisation per minibatch             -> normalize_advantages
+    "Common failure modes"              continuous control: learnable log-std; critic
+                                        blow-up: normalise rewards (running stats)        -> Agent, RunningMeanStd
+    "Hyperparameter cheat sheet"        linear LR annealing, grad-norm clip               -> Args, main
+
+The ratio is never clipped here: the trust region comes only from the penalty, which is the point of having
+this script beside ppo_discrete.py. The logged `clipfrac` is a diagnostic of what PPO-Clip would have clipped.
+
+Policies: Discrete actions -> categorical head (logits). Box actions with finite bounds -> diagonal Gaussian
+with a state-independent log-std; actions are sampled unclipped (the log-probs and KLs are those of the
+Gaussian) and clipped to the bounds only when passed to env.step. For Box actions the observations are
+normalised and the rewards scaled by running statistics kept on the device (as cleanrl's ppo_continuous.py
+does with wrappers), saved in the checkpoint and frozen at evaluation.
+
+Same differences from cleanrl as ppo_discrete.py: time-limit truncations are bootstrapped with
+gamma * V(final observation) (on the normalised scale for Box envs), the logged losses are means over the
+whole update, and the KLs are measured on the whole batch after the update.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+SCRIPT = "ppo_penalty"
+
+# beta is kept inside [BETA_MIN, BETA_MAX] so that repeated halving or doubling can never reach 0 (then
+# 2 * 0 = 0 forever: the penalty could never come back) or inf (inf * KL = nan at KL = 0). At 1e-4 the
+# penalty is negligible against a surrogate of size ~1 (normalised advantages) at any sane KL; at 1e4 it
+# pins the policy to pi_old. Either bound is left again after log2(1e4 / beta) ~ 13 iterations at most.
+BETA_MIN, BETA_MAX = 1e-4, 1e4
+# Box envs: normalised observations and scaled rewards are clipped to +-NORM_CLIP (cleanrl's value, 10).
+NORM_CLIP = 10.0
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """name of this experiment (part of the run name runs/<env>__<exp_name>__<seed>__<time>)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """if set, cuDNN picks deterministic kernels (`torch.backends.cudnn.deterministic = True`)"""
+    cuda: bool = False
+    """run the networks and the rollout buffer on the GPU if there is one (falls back to the CPU with a notice)"""
+    torch_threads: int = 1
+    """CPU threads torch may use; 1 is fastest for 64-unit MLPs on small batches (benchmarks/SPEED.md)"""
+    track: bool = False
+    """log to Weights & Biases (works with WANDB_MODE=offline; a wandb error never stops training)"""
+    wandb_project_name: str = "trust-region-rl"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user); None: your default entity"""
+    capture_video: bool = False
+    """record episodes of env 0 to videos/<run_name>/ (needs moviepy, and pygame for classic control)"""
+    save_model: bool = False
+    """write runs/<run_name>/ppo_penalty.pt at the end (weights, args, beta, normalisation stats), then evaluate it"""
+    eval_checkpoint: Optional[str] = None
+    """if set: no training; load this checkpoint, run --eval-episodes episodes and print mean/std return"""
+    eval_episodes: int = 10
+    """episodes run by the evaluation after --save-model and by --eval-checkpoint (greedy / mean actions)"""
+
+    # Algorithm. Defaults: ppo_discrete.py's (= cleanrl's ppo.py) for CartPole-v1. For MuJoCo pass cleanrl's
+    # ppo_continuous.py settings on the command line (see the docstring at the top of the file).
+    env_id: str = "CartPole-v1"
+    """gymnasium id of an env with a flat Box observation and Discrete or finite-bounded 1-D Box actions"""
+    total_timesteps: int = 500_000
+    """environment steps in total, summed over the parallel envs"""
+    learning_rate: float = 2.5e-4
+    """Adam step size (typical 1e-4 to 3e-4; cleanrl uses 3e-4 for MuJoCo)"""
+    num_envs: int = 4
+    """parallel environments (gymnasium SyncVectorEnv)"""
+    num_steps: int = 128
+    """steps per env per rollout; batch size = num_envs * num_steps"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over training"""
+    gamma: float = 0.99
+    """discount factor (typical 0.99 to 0.999); also the discount of the reward-scaling returns (Box envs)"""
+    gae_lambda: float = 0.95
+    """GAE lambda: 0 is one-step TD, 1 is the Monte-Carlo return (typical 0.9 to 0.99)"""
+    num_minibatches: int = 4
+    """minibatches per epoch; must divide the batch size"""
+    update_epochs: int = 4
+    """passes over each batch (typical 3 to 10)"""
+    norm_adv: bool = True
+    """normalise advantages to zero mean and unit std per minibatch"""
+    init_beta: float = 1.0
+    """beta of the first iteration, in [1e-4, 1e4]; the PPO paper notes the start matters little, as beta adapts
+    by a factor 2 per iteration"""
+    kl_target: float = 0.01
+    """the KL per update beta steers towards (the article's delta ~ 0.01; the PPO paper tried 0.003, 0.01, 0.03)"""
+    clip_coef: float = 0.2
+    """NOT a ratio clip (nothing clips the ratio here): the band |r - 1| > clip_coef counted by the logged
+    clipfrac diagnostic, and the value clip of --clip-vloss; named as in the clip scripts so their commands run"""
+    clip_vloss: bool = True
+    """clip the value update to +-clip_coef around the rollout's values, as in PPO2 (in return units)"""
+    ent_coef: float = 0.01
+    """weight of the entropy bonus c_ent (typical 0 to 0.01; cleanrl uses 0 for MuJoCo)"""
+    vf_coef: float = 0.5
+    """weight of the value loss c_vf (typical 0.5 to 1)"""
+    max_grad_norm: float = 0.5
+    """clip the global gradient norm to this (typical 0.5 to 1)"""
+
+
+def check_args(args: Args) -> None:
+    """Raise ValueError with one readable sentence for settings that cannot train."""
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches != 0:
+        raise ValueError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
+            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
+        )
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        raise ValueError("minibatches of 1 sample cannot be normalised (--norm-adv): use fewer --num-minibatches")
+    if args.total_timesteps < batch_size:
+        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not 0 <= args.gae_lambda <= 1:
+        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
+    if not (math.isfinite(args.kl_target) and args.kl_target > 0):
+        raise ValueError(f"--kl-target must be > 0, got {args.kl_target}")
+    if not BETA_MIN <= args.init_beta <= BETA_MAX:
+        raise ValueError(f"--init-beta must be in [{BETA_MIN:g}, {BETA_MAX:g}], got {args.init_beta}")
+    if args.clip_coef <= 0:
+        raise ValueError(f"--clip-coef must be > 0, got {args.clip_coef}")
+    if args.capture_video:
+        missing = [m for m in ("moviepy", "pygame") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions: tensors in, tensors out. The tests import these; the other scripts carry identical copies.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    last_value: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised Advantage Estimation (Schulman et al. 2016), backwards over a rollout.
+
+    rewards, values, dones: [T, N]. dones[t] = 1 when the episode ended with transition t (terminated, or
+    truncated with gamma * V(final obs) already added to rewards[t]); then nothing flows back across t.
+    last_value: [N], V of the observation after step T-1.
+
+        delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t            (TD error)
+        A_t     = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}
+        returns = A + V                                                 (the value target)
+
+    Example, one env, gamma = 0.5, lambda = 1, values 0:
+        rewards [[1], [1], [1]], dones [[0], [1], [0]], last_value [2]
+        t=2: 1 + 0.5*2 = 2;  t=1: episode ends, 1;  t=0: 1 + 0.5*1 = 1.5  ->  advantages [[1.5], [1.], [2.]]
+    """
+    not_done = 1.0 - dones
+    next_values = torch.cat([values[1:], last_value.unsqueeze(0)])  # V_{t+1}: [T, N]
+    deltas = rewards + gamma * next_values * not_done - values  # all T TD errors at once
+    decay = gamma * gae_lambda * not_done
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(last_value)
+    for t in reversed(range(rewards.shape[0])):
+        next_advantage = deltas[t] + decay[t] * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values
+
+
+def normalize_advantages(advantages: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit std; applied per minibatch, as the article's checklist asks."""
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+def approx_kl(new_logprob: torch.Tensor, old_logprob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sample estimates of KL(pi_old || pi_theta) from actions drawn from pi_old (Schulman's k1 and k3).
+
+    k1 = mean(-log r): unbiased, but single samples can be negative.
+    k3 = mean((r - 1) - log r): unbiased and >= 0 per sample (log r <= r - 1); the one the article prefers.
+    (The "one-sample" k2 = mean(0.5 * (log r)^2) that the article warns about is biased; it is not used.)
+    """
+    logratio = new_logprob - old_logprob
+    k1 = (-logratio).mean()
+    k3 = (logratio.exp() - 1.0 - logratio).mean()
+    return k1, k3
+
+
+def value_loss(
+    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: Optional[float]
+) -> torch.Tensor:
+    """0.5 * MSE to the returns; with clip_coef, the PPO2 clipped form.
+
+    Clipped: V_clip = V_old + clip(V_new - V_old, -c, c), loss = 0.5 * mean(max((V_new - R)^2, (V_clip - R)^2)),
+    so a minibatch cannot move a value prediction more than c (in return units) past where it helps.
+    """
+    unclipped = (new_values - returns) ** 2
+    if clip_coef is None:
+        return 0.5 * unclipped.mean()
+    clipped_values = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
+    clipped = (clipped_values - returns) ** 2
+    return 0.5 * torch.max(unclipped, clipped).mean()
+
+
+def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+    """1 - Var(y_true - y_pred) / Var(y_true): 1 is a perfect critic, 0 no better than a constant, < 0 worse.
+    NaN when Var(y_true) == 0 (nothing to explain)."""
+    var_true = y_true.var(correction=0)
+    ev = 1.0 - (y_true - y_pred).var(correction=0) / var_true
+    return torch.where(var_true == 0, torch.full_like(ev, float("nan")), ev)
+
+
+def categorical_logprob_entropy(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(a|s) of the given actions and the entropy of pi(.|s), from logits [B, A] and actions [B].
+    Written out instead of torch.distributions.Categorical: same numbers, a third of the overhead per call."""
+    log_probs = logits.log_softmax(dim=-1)  # [B, A]
+    logprob = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [B]
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # [B]
+    return logprob, entropy
+
+
+def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
+    """One action per row of logits [B, A], drawn from softmax(logits), by the Gumbel-max trick:
+    argmax(logits + Gumbel noise), with Gumbel noise = -log(Exp(1)). Cheaper than torch.multinomial."""
+    return (logits - torch.empty_like(logits).exponential_().log()).argmax(dim=-1)
+
+
+def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s) of a diagonal Gaussian, summed over the last (action) dimension.
+
+    mean, actions: [B, D]; log_std: [B, D] or [D] (broadcast). Per dimension
+        log N(a; mu, sigma) = -(a - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2.
+    Example: mean 0, log_std 0, action 0 in D = 2 dims -> 2 * (-0.9189...) = -1.8379.
+    """
+    z = (actions - mean) * (-log_std).exp()  # (a - mu) / sigma
+    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(dim=-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """Entropy of a diagonal Gaussian, summed over the last dimension: sum(log sigma + (1 + log 2 pi) / 2)."""
+    return (log_std + 0.5 * (1.0 + math.log(2 * math.pi))).sum(dim=-1)
+
+
+def categorical_kl(old_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(pi_old || pi_new) = sum_a p_old(a) (log p_old(a) - log p_new(a)) per row of logits [B, A] -> [B].
+
+    Example: p_old = (0.5, 0.5), p_new = (0.25, 0.75) -> 0.5 log 2 + 0.5 log(2/3) = 0.1438.
+    """
+    old_log_probs = old_logits.log_softmax(dim=-1)  # [B, A]
+    new_log_probs = new_logits.log_softmax(dim=-1)  # [B, A]
+    return (old_log_probs.exp() * (old_log_probs - new_log_probs)).sum(dim=-1)
+
+
+def gaussian_kl(
+    old_mean: torch.Tensor, old_log_std: torch.Tensor, new_mean: torch.Tensor, new_log_std: torch.Tensor
+) -> torch.Tensor:
+    """Exact KL(pi_old || pi_new) of two diagonal Gaussians, summed over the last dimension: [B, D] -> [B].
+
+    Per dimension: log(sigma_new / sigma_old) + (sigma_old^2 + (mu_old - mu_new)^2) / (2 sigma_new^2) - 1/2.
+    Example: mu 0 -> 1 with sigma 1 -> 1: 0 + (1 + 1) / 2 - 1/2 = 0.5 per dimension.
+    """
+    variance_ratio = (2.0 * (old_log_std - new_log_std)).exp()  # sigma_old^2 / sigma_new^2
+    mean_term = (old_mean - new_mean) ** 2 * (-2.0 * new_log_std).exp()  # (mu_old - mu_new)^2 / sigma_new^2
+    return (new_log_std - old_log_std + 0.5 * (variance_ratio + mean_term) - 0.5).sum(dim=-1)
+
+
+def kl_penalty_loss(
+    new_logprob: torch.Tensor,
+    old_logprob: torch.Tensor,
+    advantages: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Negative adaptive-KL objective -L^KL (to minimise), with its two parts.
+
+    L^KL = mean(r A) - beta * mean(KL(pi_old || pi_theta)),  r = exp(new_logprob - old_logprob).
+    kl: [B] exact KL per state (categorical_kl / gaussian_kl). Returns (loss, surrogate, penalty) with
+    surrogate = mean(r A), penalty = beta * mean(KL), loss = penalty - surrogate. The ratio is not clipped:
+    the gradient is the plain importance-sampling one, pulled back towards pi_old by the penalty. At
+    theta = theta_old the KL and its gradient are 0, so the gradient is the policy gradient's.
+
+    Example: r = 1.5, A = 2, KL = 0.1, beta = 4 -> surrogate 3.0, penalty 0.4, loss -2.6.
+    """
+    ratio = (new_logprob - old_logprob).exp()
+    surrogate = (ratio * advantages).mean()
+    penalty = beta * kl.mean()
+    return penalty - surrogate, surrogate, penalty
+
+
+def update_beta(beta: float, kl: float, kl_target: float) -> float:
+    """The adaptive rule (Schulman et al. 2017, sec. 4), applied after every iteration:
+
+        kl > 1.5 * kl_target  ->  beta * 2      (policy moved too far: penalise harder)
+        kl < kl_target / 1.5  ->  beta / 2      (policy barely moved: let it move more)
+        otherwise             ->  beta
+
+    Both comparisons are strict: a kl exactly at kl_target * 1.5 or kl_target / 1.5 (computed as written
+    here) leaves beta unchanged. The result is clamped to [BETA_MIN, BETA_MAX] = [1e-4, 1e4], so beta stays
+    finite and positive whatever the KLs; a NaN kl compares False both ways and leaves beta unchanged.
+    Example: beta 1, kl_target 0.01: kl 0.02 -> 2; kl 0.012 -> 1; kl 0.005 -> 0.5.
+    """
+    if kl > kl_target * 1.5:
+        beta = beta * 2.0
+    elif kl < kl_target / 1.5:
+        beta = beta / 2.0
+    return min(max(beta, BETA_MIN), BETA_MAX)
+
+
+class RunningMeanStd:
+    """Running mean and variance of a stream of batches, kept on the device (float64).
+
+    update(batch [B, *shape]) merges the batch's mean and variance into the totals with the parallel formula
+    of Chan et al. (1979); the count starts at 1e-4 (mean 0, var 1), as in gymnasium's wrappers, so the
+    first normalisation is defined. normalize(x) = (x - mean) / sqrt(var + eps); scale(x) = x / sqrt(var + eps).
+    """
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, epsilon: float = 1e-8):
+        self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.var = torch.ones(shape, dtype=torch.float64, device=device)
+        self.count = torch.tensor(1e-4, dtype=torch.float64, device=device)
+        self.epsilon = epsilon
+
+    def update(self, batch: torch.Tensor) -> None:
+        batch = batch.to(torch.float64)
+        batch_mean, batch_var, batch_count = batch.mean(0), batch.var(0, correction=0), batch.shape[0]
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        # sum of squared deviations of the union = both parts' own + the spread between their means
+        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        self.mean = self.mean + delta * batch_count / total
+        self.var = m2 / total
+        self.count = total
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / (self.var + self.epsilon).sqrt()).to(x.dtype)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return (x / (self.var + self.epsilon).sqrt()).to(x.dtype)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "count": self.count.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.mean.device
+        self.mean, self.var, self.count = (state[k].to(device, torch.float64) for k in ("mean", "var", "count"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain `std`, constant bias (implementation detail 2 of Huang et al. 2022)."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """Separate actor and critic MLPs (64-64 tanh), as in cleanrl's ppo.py and ppo_continuous.py.
+
+    The actor's last layer starts at std 0.01, so the first policy is near uniform (Discrete) or centred at 0
+    (Box). Box: a state-independent log-std per action dimension, starting at 0 (std 1), learnt by gradient
+    (the article's "learnable log-std").
+
+    A policy is handed around as one tensor of distribution parameters per state, `params` [B, P]: the
+    logits (P = A) or the mean and the log-std side by side (P = 2 D). The rollout buffer stores pi_old's
+    params, so the exact KL to pi_old needs no copy of the old network.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, discrete: bool, hidden: int = 64):
+        super().__init__()
+        self.discrete = discrete
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, 1), std=1.0),
+        )
+        self.actor = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, act_dim), std=0.01),
+        )
+        if not discrete:
+            self.actor_logstd = nn.Parameter(torch.zeros(act_dim))
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs).squeeze(-1)  # [B]
+
+    def dist_params(self, obs: torch.Tensor) -> torch.Tensor:
+        out = self.actor(obs)  # logits [B, A] or mean [B, D]
+        if self.discrete:
+            return out
+        return torch.cat([out, self.actor_logstd.expand_as(out)], dim=-1)  # [B, 2D]: mean, log-std
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dist_params(obs), self.value(obs)  # params [B, P], value [B]
+
+    def sample(self, params: torch.Tensor) -> torch.Tensor:
+        """a ~ pi(.|s): [B] action indices, or [B, D] unclipped Gaussian actions."""
+        if self.discrete:
+            return sample_categorical(params)
+        mean, log_std = params.chunk(2, dim=-1)
+        return mean + log_std.exp() * torch.randn_like(mean)
+
+    def greedy(self, params: torch.Tensor) -> torch.Tensor:
+        """The evaluation action: the most likely one (argmax of the logits, or the Gaussian's mean)."""
+        return params.argmax(dim=-1) if self.discrete else params.chunk(2, dim=-1)[0]
+
+    def logprob_entropy(self, params: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi(a|s) [B] and entropy [B]."""
+        if self.discrete:
+            return categorical_logprob_entropy(params, actions)
+        mean, log_std = params.chunk(2, dim=-1)
+        return gaussian_log_prob(mean, log_std, actions), gaussian_entropy(log_std)
+
+    def kl(self, old_params: torch.Tensor, new_params: torch.Tensor) -> torch.Tensor:
+        """Exact KL(pi_old(.|s) || pi_new(.|s)) per state [B]."""
+        if self.discrete:
+            return categorical_kl(old_params, new_params)
+        return gaussian_kl(*old_params.chunk(2, dim=-1), *new_params.chunk(2, dim=-1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environments, logging, checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
+    """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
+    next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
+    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs."""
+
+    def make_one(index: int):
+        def thunk():
+            if args.capture_video and index == 0:
+                env = gym.make(args.env_id, render_mode="rgb_array")
+                return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
+            return gym.make(args.env_id)
+
+        return thunk
+
+    return gym.vector.SyncVectorEnv(
+        [make_one(i) for i in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+
+
+def check_env(env_id: str) -> tuple[int, int, bool]:
+    """(obs_dim, act_dim, discrete) of env_id, or ValueError saying why this script cannot train on it.
+    act_dim: the number of actions (Discrete) or the action vector's length (Box)."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as err:  # unknown id, wrong version, missing extra (box2d, mujoco, ...)
+        raise ValueError(f"cannot make env {env_id!r}: {err}") from None
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(f"{env_id} observations are {obs_space}; this script needs a flat Box (a vector)")
+    if isinstance(act_space, gym.spaces.Discrete):
+        return obs_space.shape[0], int(act_space.n), True
+    if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
+        raise ValueError(
+            f"{env_id} has a {type(act_space).__name__} action space {act_space}; this script needs Discrete "
+            "or a 1-D Box"
+        )
+    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
+        raise ValueError(f"{env_id} has an unbounded Box action space {act_space}; this script clips actions "
+                         "to finite bounds")
+    return obs_space.shape[0], act_space.shape[0], False
+
+
+class Logger:
+    """Every iteration: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with
+    --track. A wandb error is printed once and turns wandb off; it never stops training."""
+
+    def __init__(self, args: Args, run_dir: str, run_name: str):
+        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
+        self.wandb_run = None
+        if args.track:
+            try:
+                import wandb
+
+                self.wandb_run = wandb.init(
+                    project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                    config=asdict(args), dir=run_dir,
+                )
+            except Exception as err:  # any wandb failure (no login, no network, bad entity): keep training
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+
+    def log(self, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
+        self.metrics_file.write(json.dumps(clean) + "\n")
+        def show(key, spec):
+            return "-" if metrics[key] is None else format(metrics[key], spec)
+
+        print(
+            f"iter {metrics['iteration']:>4} step {metrics['global_step']:>8} | "
+            f"return {show('episodic_return', '8.1f')} (last 100: {show('episodic_return_100', '8.1f')}) | "
+            f"beta {metrics['beta']:.3g} kl {show('kl_exact', '.4f')} (k3 {show('approx_kl_k3', '.4f')}) "
+            f"ent {show('entropy', '.3f')} ev {show('explained_variance', '5.2f')} | sps {metrics['sps']:.0f}"
+        )
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["global_step"])
+            except Exception as err:  # see __init__: training matters more than the dashboard
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+                self.wandb_run = None
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as err:
+                print(f"wandb finish failed: {type(err).__name__}: {err}")
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, or ValueError saying what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one that needs unpickling arbitrary code
+        raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True: {err}") from None
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    if script != SCRIPT:
+        raise ValueError(f"{path} was written by {script or 'something else'}.py, not {SCRIPT}.py")
+    return checkpoint
+
+
+def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -> np.ndarray:
+    """Returns of `episodes` full episodes of the saved agent acting greedily (argmax of the logits, or the
+    Gaussian's mean clipped to the action bounds). Box envs: observations normalised with the saved
+    statistics, frozen (evaluation never updates them); returns are the env's raw rewards."""
+    env_id = checkpoint["args"]["env_id"]
+    obs_dim, act_dim, discrete = check_env(env_id)
+    agent = Agent(obs_dim, act_dim, discrete).to(device)
+    agent.load_state_dict(checkpoint["model"])
+    obs_rms = None
+    if not discrete:
+        obs_rms = RunningMeanStd((obs_dim,), device)
+        obs_rms.load_state_dict(checkpoint["obs_rms"])
+    env = gym.make(env_id)
+    if not discrete:
+        low = torch.as_tensor(env.action_space.low, dtype=torch.float32, device=device)
+        high = torch.as_tensor(env.action_space.high, dtype=torch.float32, device=device)
+    returns = np.zeros(episodes)
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)  # [1, obs_dim]
+            if obs_rms is not None:
+                obs_t = obs_rms.normalize(obs_t).clamp(-NORM_CLIP, NORM_CLIP)
+            with torch.no_grad():
+                action = agent.greedy(agent.dist_params(obs_t))[0]
+            if discrete:
+                obs, reward, terminated, truncated, _ = env.step(int(action))
+            else:
+                obs, reward, terminated, truncated, _ = env.step(torch.clamp(action, low, high).cpu().numpy())
+            returns[episode] += reward
+            done = terminated or truncated
+    env.close()
+    return returns
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pick_device(want_cuda: bool) -> torch.device:
+    if want_cuda and not torch.cuda.is_available():
+        print("--cuda: no CUDA device found, running on the CPU")
+    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    args = tyro.cli(Args, args=argv)
+    torch.set_num_threads(args.torch_threads)
+    device = pick_device(args.cuda)
+
+    if args.eval_checkpoint is not None:
+        try:
+            checkpoint = load_checkpoint(args.eval_checkpoint)
+            returns = evaluate(checkpoint, args.eval_episodes, args.seed, device)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        print(f"eval {checkpoint['args']['env_id']}: return {returns.mean():.2f} +- {returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        return {"eval_returns": returns}
+
+    # Every check happens before anything is written, so bad input leaves no run folder behind.
+    try:
+        check_args(args)
+        obs_dim, act_dim, discrete = check_env(args.env_id)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    logger = Logger(args, run_dir, run_name)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = make_envs(args, run_name)
+    agent = Agent(obs_dim, act_dim, discrete).to(device)
+    # fused=True: one kernel for the whole Adam step instead of several per parameter (same arithmetic).
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    beta = args.init_beta
+
+    # Rollout buffer, preallocated on the device and overwritten every iteration.
+    T, N = args.num_steps, args.num_envs
+    obs = torch.zeros((T, N, obs_dim), device=device)  # what the policy saw (normalised for Box envs)
+    if discrete:
+        actions = torch.zeros((T, N), dtype=torch.long, device=device)
+    else:
+        actions = torch.zeros((T, N, act_dim), device=device)  # unclipped samples of the Gaussian
+        action_low = torch.as_tensor(envs.single_action_space.low, dtype=torch.float32, device=device)
+        action_high = torch.as_tensor(envs.single_action_space.high, dtype=torch.float32, device=device)
+    rewards = torch.zeros((T, N), device=device)  # scaled for Box envs
+    dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
+    truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
+    final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes
+
+    # Box envs: observation normalisation and reward scaling on the device. The reward is divided by the
+    # running std of each env's discounted return (not of the reward), as gymnasium's NormalizeReward does.
+    obs_rms = RunningMeanStd((obs_dim,), device) if not discrete else None
+    return_rms = RunningMeanStd((), device) if not discrete else None
+    discounted_return = torch.zeros(N, device=device)  # [N], Box envs only; reset when an episode ends
+
+    def observe(raw: np.ndarray) -> torch.Tensor:
+        """Raw observations [n, obs_dim] -> what the networks see; Box envs: stats updated, then normalised."""
+        x = torch.as_tensor(np.asarray(raw), dtype=torch.float32, device=device)
+        if obs_rms is None:
+            return x
+        obs_rms.update(x)
+        return obs_rms.normalize(x).clamp(-NORM_CLIP, NORM_CLIP)
+
+    # Episode statistics stay on the host, next to the numpy rewards the envs return.
+    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=np.int64)
+    ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
+    last_100 = collections.deque(maxlen=100)
+
+    next_obs_np, _ = envs.reset(seed=args.seed)
+    next_obs = observe(next_obs_np)
+    global_step, start_time = 0, time.time()
+
+    for iteration in range(1, num_iterations + 1):
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
+        optimizer.param_groups[0]["lr"] = lr
+        ended_return.fill(np.nan)
+        truncated_at.zero_()
+
+        # ---- rollout: T steps of N envs; per step only the actor runs (the critic runs once, batched, below) ----
+        for step in range(T):
+            obs[step] = next_obs
+            with torch.inference_mode():
+                action = agent.sample(agent.dist_params(next_obs))  # [N] or [N, D], a ~ pi_old(.|s)
+            actions[step] = action
+            # The Gaussian's sample is stored unclipped (its log-prob is the one the ratio needs); only the
+            # env sees it clipped to the bounds.
+            env_action = action if discrete else torch.clamp(action, action_low, action_high)
+
+            next_obs_np, reward, terminated, truncated, info = envs.step(env_action.cpu().numpy())
+            global_step += N
+            done = terminated | truncated
+            done_t = torch.as_tensor(done, device=device)  # [N] bool
+            reward_t = torch.as_tensor(reward, dtype=torch.float32, device=device)  # [N]
+            if return_rms is not None:
+                discounted_return = discounted_return * args.gamma + reward_t
+                return_rms.update(discounted_return)
+                reward_t = return_rms.scale(reward_t).clamp(-NORM_CLIP, NORM_CLIP)
+                discounted_return[done_t] = 0.0
+            rewards[step] = reward_t
+            dones[step] = done_t
+            next_obs = observe(next_obs_np)
+            time_limit = truncated & ~terminated
+            if time_limit.any():
+                mask = torch.as_tensor(time_limit, device=device)
+                truncated_at[step] = mask
+                # normalised with the same statistics as next_obs (not added to them): V sees its usual input
+                raw_final = torch.as_tensor(np.stack(info["final_obs"][time_limit]), dtype=torch.float32, device=device)
+                final_obs[step, mask] = (
+                    raw_final if obs_rms is None else obs_rms.normalize(raw_final).clamp(-NORM_CLIP, NORM_CLIP)
+                )
+
+            episode_return += reward
+            episode_length += 1
+            if done.any():
+                ended_return[step, done], ended_length[step, done] = episode_return[done], episode_length[done]
+                episode_return[done], episode_length[done] = 0.0, 0
+
+        # ---- pi_old's distribution parameters, log-probs and values for the whole batch, one forward pass ----
+        # (the parameters did not change during the rollout, so this is the policy that sampled the actions)
+        b_obs = obs.reshape(batch_size, obs_dim)
+        b_actions = actions.reshape((batch_size,) + actions.shape[2:])
+        with torch.no_grad():
+            b_old_params, b_values = agent(b_obs)  # [B, P], [B]
+            b_logprobs = agent.logprob_entropy(b_old_params, b_actions)[0]
+            values = b_values.reshape(T, N)
+            # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
+            # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal. For Box envs
+            # rewards and V are both on the scaled scale, so the sum is consistent.
+            rewards += args.gamma * truncated_at * agent.value(final_obs)
+            advantages, returns = compute_gae(rewards, values, dones, agent.value(next_obs), args.gamma, args.gae_lambda)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+
+        # ---- update: update_epochs passes of num_minibatches minibatches, all with this iteration's beta ----
+        stats = []  # one [7] tensor per minibatch, in the order of `names` below
+        for epoch in range(args.update_epochs):
+            permutation = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb = permutation[start : start + minibatch_size]
+                new_params, new_values = agent(b_obs[mb])
+                new_logprob, entropy = agent.logprob_entropy(new_params, b_actions[mb])
+                kl = agent.kl(b_old_params[mb], new_params)  # [M], exact KL(pi_old || pi_theta) per state
+                mb_advantages = normalize_advantages(b_advantages[mb]) if args.norm_adv else b_advantages[mb]
+                pg_loss, surrogate, penalty = kl_penalty_loss(new_logprob, b_logprobs[mb], mb_advantages, kl, beta)
+                v_loss = value_loss(new_values, b_values[mb], b_returns[mb], args.clip_coef if args.clip_vloss else None)
+                entropy_mean = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_mean + args.vf_coef * v_loss
+                # diagnostic only: the share of samples PPO-Clip would have clipped (nothing is clipped here)
+                clipfrac = ((new_logprob - b_logprobs[mb]).exp().sub(1.0).abs() > args.clip_coef).float().mean()
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                optimizer.step()
+                stats.append(torch.stack([pg_loss, v_loss, entropy_mean, clipfrac, loss, surrogate, penalty]).detach())
+
+        # ---- diagnostics on the whole batch after the update: one host sync per iteration ----
+        with torch.no_grad():
+            new_params, _ = agent(b_obs)
+            kl_exact = agent.kl(b_old_params, new_params).mean()  # the measured KL that steers beta
+            kl_k1, kl_k3 = approx_kl(agent.logprob_entropy(new_params, b_actions)[0], b_logprobs)
+            ev = explained_variance(b_values, b_returns)
+        names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss", "surrogate", "kl_penalty")
+        stats = torch.stack(stats)  # [update_epochs * num_minibatches, 7]
+        bad = (~torch.isfinite(stats)).nonzero()
+        if len(bad) or not torch.isfinite(kl_exact):
+            logger.close()
+            envs.close()
+            if len(bad):
+                minibatch, column = bad[0].tolist()
+                value = stats[minibatch, column].item()
+                where = f"{names[column]} is {value} at iteration {iteration}, minibatch {minibatch + 1}"
+            else:
+                where = f"kl_exact is {kl_exact.item()} at iteration {iteration}, after the update"
+            raise SystemExit(f"error: {where} (step {global_step}); stopping, nothing saved")
+        means = stats.mean(0).tolist()
+        ended = ended_return[~np.isnan(ended_return)]
+        last_100.extend(ended.tolist())
+        elapsed = time.time() - start_time
+        logger.log({
+            "iteration": iteration,
+            "global_step": global_step,
+            "time": elapsed,
+            "sps": global_step / elapsed,
+            "learning_rate": lr,
+            **dict(zip(names, means)),
+            "beta": beta,  # the beta this iteration's update used
+            "kl_target": args.kl_target,
+            "kl_exact": kl_exact.item(),
+            "approx_kl_k1": kl_k1.item(),
+            "approx_kl_k3": kl_k3.item(),
+            "explained_variance": ev.item(),
+            "update_minibatches": len(stats),
+            "episodes": len(ended),
+            "episodic_return": float(ended.mean()) if len(ended) else None,
+            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
+            "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+        })
+        beta = update_beta(beta, kl_exact.item(), args.kl_target)  # for the next iteration
+
+    envs.close()
+    summary = {
+        "global_step": global_step,
+        "time": time.time() - start_time,
+        "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+        "beta": beta,
+    }
+    if args.save_model:
+        path = os.path.join(run_dir, f"{SCRIPT}.pt")
+        torch.save({
+            "script": SCRIPT,
+            "model": agent.state_dict(),
+            "args": asdict(args),
+            "beta": beta,
+            "obs_rms": obs_rms.state_dict() if obs_rms is not None else None,
+            "return_rms": return_rms.state_dict() if return_rms is not None else None,
+        }, path)
+        eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
+        print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        summary["eval_return_mean"] = float(eval_returns.mean())
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    logger.close()
+    final = summary["episodic_return_100"]
+    print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
+          f"{'-' if final is None else f'{final:.2f}'}; final beta {beta:.3g}; metrics in {run_dir}/metrics.jsonl")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
