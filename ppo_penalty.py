@@ -354,14 +354,18 @@ class RunningMeanStd:
 
     update(batch [B, *shape]) merges the batch's mean and variance into the totals with the parallel formula
     of Chan et al. (1979); the count starts at 1e-4 (mean 0, var 1), as in gymnasium's wrappers, so the
-    first normalisation is defined. normalize(x) = (x - mean) / sqrt(var + eps); scale(x) = x / sqrt(var + eps).
+    first normalisation is defined. For observations normalize(x) = clip((x - mean) / sqrt(var + eps), +-clip);
+    for rewards scale(x) = clip(x / sqrt(var + eps), +-clip) (divided, not centred: the sign is kept).
+    Both read the statistics and never update them; both return x's dtype.
+
+    Example: update([[1.], [3.]]) then update([[5.]]) -> mean 3, var 8/3 (those of [1, 3, 5], up to the 1e-4).
     """
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device, epsilon: float = 1e-8):
+    def __init__(self, shape: tuple[int, ...], device: torch.device, clip: float = NORM_CLIP, epsilon: float = 1e-8):
         self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
         self.var = torch.ones(shape, dtype=torch.float64, device=device)
         self.count = torch.tensor(1e-4, dtype=torch.float64, device=device)
-        self.epsilon = epsilon
+        self.clip, self.epsilon = clip, epsilon
 
     def update(self, batch: torch.Tensor) -> None:
         batch = batch.to(torch.float64)
@@ -375,10 +379,10 @@ class RunningMeanStd:
         self.count = total
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.mean) / (self.var + self.epsilon).sqrt()).to(x.dtype)
+        return ((x - self.mean) / (self.var + self.epsilon).sqrt()).clamp(-self.clip, self.clip).to(x.dtype)
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
-        return (x / (self.var + self.epsilon).sqrt()).to(x.dtype)
+        return (x / (self.var + self.epsilon).sqrt()).clamp(-self.clip, self.clip).to(x.dtype)
 
     def state_dict(self) -> dict:
         return {"mean": self.mean.cpu(), "var": self.var.cpu(), "count": self.count.cpu()}
@@ -600,7 +604,7 @@ def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -
         while not done:
             obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)  # [1, obs_dim]
             if obs_rms is not None:
-                obs_t = obs_rms.normalize(obs_t).clamp(-NORM_CLIP, NORM_CLIP)
+                obs_t = obs_rms.normalize(obs_t)
             with torch.no_grad():
                 action = agent.greedy(agent.dist_params(obs_t))[0]
             if discrete:
@@ -693,7 +697,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         if obs_rms is None:
             return x
         obs_rms.update(x)
-        return obs_rms.normalize(x).clamp(-NORM_CLIP, NORM_CLIP)
+        return obs_rms.normalize(x)
 
     # Episode statistics stay on the host, next to the numpy rewards the envs return.
     episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=np.int64)
@@ -728,7 +732,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             if return_rms is not None:
                 discounted_return = discounted_return * args.gamma + reward_t
                 return_rms.update(discounted_return)
-                reward_t = return_rms.scale(reward_t).clamp(-NORM_CLIP, NORM_CLIP)
+                reward_t = return_rms.scale(reward_t)
                 discounted_return[done_t] = 0.0
             rewards[step] = reward_t
             dones[step] = done_t
@@ -740,7 +744,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 # normalised with the same statistics as next_obs (not added to them): V sees its usual input
                 raw_final = torch.as_tensor(np.stack(info["final_obs"][time_limit]), dtype=torch.float32, device=device)
                 final_obs[step, mask] = (
-                    raw_final if obs_rms is None else obs_rms.normalize(raw_final).clamp(-NORM_CLIP, NORM_CLIP)
+                    raw_final if obs_rms is None else obs_rms.normalize(raw_final)
                 )
 
             episode_return += reward

@@ -251,6 +251,14 @@ def test_running_mean_std_matches_whole_data_and_round_trips():
     copy = RunningMeanStd((3,), torch.device("cpu"))
     copy.load_state_dict(rms.state_dict())
     torch.testing.assert_close(copy.normalize(data), normalised)
+    # clipped to +-10 (cleanrl's and Stable-Baselines3's value), sign kept by scale()
+    far = torch.tensor([[1e3, -1e3, 3.0]])
+    assert copy.normalize(far)[0, :2].tolist() == [10.0, -10.0]
+    assert copy.scale(-far)[0, :2].tolist() == [-10.0, 10.0]
+    docstring = RunningMeanStd((1,), torch.device("cpu"))
+    docstring.update(torch.tensor([[1.0], [3.0]]))
+    docstring.update(torch.tensor([[5.0]]))
+    assert (docstring.mean.item(), docstring.var.item()) == pytest.approx((3.0, 8 / 3), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,7 +438,7 @@ def test_box_env_scales_rewards_and_bootstraps_on_the_normalised_scale(tmp_path,
     for t in range(16):
         discounted = discounted * gamma + 1.0
         return_rms.update(torch.full((2,), discounted))
-        expected[t] = return_rms.scale(torch.ones(2)).clamp(-10.0, 10.0)  # the first ones hit the clip
+        expected[t] = return_rms.scale(torch.ones(2))  # the first ones hit the clip at 10
         next_obs = 0.0 if t % 4 == 3 else (t % 4 + 1) / 10
         obs_rms.update(torch.full((2, 1), next_obs))
         if t % 4 == 3:
