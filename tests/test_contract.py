@@ -247,3 +247,47 @@ def test_sample_categorical_frequencies(sample_categorical):
     expected = probs * 100_000
     # each count within 5 binomial standard deviations of its expectation
     assert torch.all((counts - expected).abs() < 5 * (expected * (1 - probs)).sqrt()), (counts, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gaussian policy helpers and exact KLs (continuous-action scripts)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gaussian_log_prob", scripts_defining("gaussian_log_prob"))
+def test_gaussian_log_prob_matches_torch_normal(gaussian_log_prob):
+    torch.manual_seed(0)
+    mean, actions = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64) * 2
+    log_std = torch.randn(3, dtype=torch.float64) * 0.5  # state-independent: broadcast over the batch
+    expected = torch.distributions.Normal(mean, log_std.exp()).log_prob(actions).sum(-1)
+    torch.testing.assert_close(gaussian_log_prob(mean, log_std, actions), expected)
+    torch.testing.assert_close(gaussian_log_prob(mean, log_std.expand(16, 3), actions), expected)
+
+
+@pytest.mark.parametrize("gaussian_entropy", scripts_defining("gaussian_entropy"))
+def test_gaussian_entropy_matches_torch_normal(gaussian_entropy):
+    log_std = torch.tensor([[-1.0, 0.0, 0.7]], dtype=torch.float64)
+    expected = torch.distributions.Normal(torch.zeros(1, 3, dtype=torch.float64), log_std.exp()).entropy().sum(-1)
+    torch.testing.assert_close(gaussian_entropy(log_std), expected)
+
+
+@pytest.mark.parametrize("categorical_kl", scripts_defining("categorical_kl"))
+def test_categorical_kl_matches_torch(categorical_kl):
+    torch.manual_seed(0)
+    old, new = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=old), torch.distributions.Categorical(logits=new)
+    )
+    torch.testing.assert_close(categorical_kl(old, new), expected)
+    torch.testing.assert_close(categorical_kl(old, old), torch.zeros(8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("gaussian_kl", scripts_defining("gaussian_kl"))
+def test_gaussian_kl_matches_torch(gaussian_kl):
+    torch.manual_seed(0)
+    m_old, m_new = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    s_old, s_new = torch.randn(8, 2, dtype=torch.float64) * 0.3, torch.randn(8, 2, dtype=torch.float64) * 0.3
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(m_old, s_old.exp()), torch.distributions.Normal(m_new, s_new.exp())
+    ).sum(-1)
+    torch.testing.assert_close(gaussian_kl(m_old, s_old, m_new, s_new), expected)
