@@ -1,0 +1,785 @@
+"""PPO-Clip with a Gaussian policy for continuous control (MuJoCo), in one file.
+
+Run:
+    python ppo_continuous.py                                     # HalfCheetah-v4, 1M steps, cleanrl's defaults
+    python ppo_continuous.py --env-id Hopper-v4 --save-model     # any bounded-Box-action, flat-Box-observation env
+    python ppo_continuous.py --num-envs 2                        # two envs in two processes (both cores step physics)
+    python ppo_continuous.py --eval-checkpoint runs/<run_name>/ppo_continuous.pt   # evaluate a saved agent
+    python ppo_continuous.py --help                              # every flag, with its meaning
+
+What it implements, by section of the article "PPO and TRPO -- Trust Region Policy Optimization":
+    "Parameter space lies"           a Gaussian policy N(mu(s), sigma), learnable log sigma -> Agent, gaussian_log_prob
+    "Importance sampling"            ratio r_t = pi_theta(a|s) / pi_old(a|s)          -> ppo_clip_loss
+    "PPO-Clip: the central trick"    L^CLIP = E[min(r A, clip(r, 1-eps, 1+eps) A)]     -> ppo_clip_loss
+    "A complete PPO implementation"  GAE (lambda=0: TD, lambda=1: Monte Carlo)         -> compute_gae
+                                     loss = L^CLIP + c_vf L^V - c_ent H, grad clipping -> main (update)
+    "Debugging checklist"            approx KL, k1 = -log r and k3 = (r-1) - log r     -> approx_kl
+                                     explained variance 1 - Var(R - V) / Var(R)        -> explained_variance
+                                     advantage normalisation per minibatch             -> normalize_advantages
+                                     entropy of the policy (here: of a Gaussian)       -> gaussian_entropy
+    "Common failure modes"           "normalise rewards (running stats)"               -> RunningMeanStd, RewardScaler
+                                     "learnable log-std" for continuous control        -> Agent.actor_logstd
+    "Hyperparameter cheat sheet"     linear LR annealing, grad-norm clip, c_ent = 0    -> Args, main
+
+The article's table also suggests tanh squashing; this script clips the sampled action to the bounds when
+stepping the env instead (cleanrl's and the PPO paper's choice), so that its numbers compare with cleanrl's.
+The log-prob is that of the unclipped sample, which is what the policy really drew.
+
+Differences from cleanrl's ppo_continuous_action.py, each on purpose (the README says why):
+    - a time-limit truncation (every HalfCheetah episode ends by one, at 1000 steps) is bootstrapped with
+      gamma * V(final observation) instead of being treated as terminal (gymnasium 1.x SAME_STEP autoreset);
+    - observation normalisation and reward scaling are tensor code on the device, not per-env wrappers; their
+      statistics are saved in the checkpoint and used frozen at evaluation, so a saved agent sees the inputs it
+      was trained on (cleanrl evaluates on fresh wrappers whose statistics start from zero);
+    - the reward scaler's discounted-return accumulator restarts at every episode end, truncation included
+      (gymnasium 0.29's NormalizeReward, which cleanrl uses, restarts it only at termination, so on HalfCheetah
+      never);
+    - the losses, the entropy and the clip fraction logged are means over every minibatch of the update, and
+      the approx KL is measured on the whole batch after the update (the "KL per update" of the checklist);
+    - --target-kl stops the update at the first minibatch whose KL passes it, not at the end of an epoch.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+SCRIPT = "ppo_continuous"
+NORM_CLIP = 10.0  # normalised observations and scaled rewards are clipped to +-10 (cleanrl, Stable-Baselines3)
+NORM_EPS = 1e-8  # added to variances before the square root (gymnasium's normalisation wrappers)
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """name of this experiment (part of the run name runs/<env>__<exp_name>__<seed>__<time>)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """if set, cuDNN picks deterministic kernels (`torch.backends.cudnn.deterministic = True`)"""
+    cuda: bool = False
+    """run networks, normalisers and rollout buffer on the GPU if there is one (else the CPU, with a notice)"""
+    torch_threads: int = 1
+    """CPU threads torch may use; 1 for 64-unit MLPs on 64-sample minibatches (benchmarks/SPEED_continuous.md)"""
+    track: bool = False
+    """log to Weights & Biases (works with WANDB_MODE=offline; a wandb error never stops training)"""
+    wandb_project_name: str = "trust-region-rl"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user); None: your default entity"""
+    capture_video: bool = False
+    """record episodes of env 0 to videos/<run_name>/ (needs moviepy; MuJoCo rendering may need MUJOCO_GL=egl)"""
+    save_model: bool = False
+    """write runs/<run_name>/ppo_continuous.pt at the end (weights + args + normaliser state), then evaluate it"""
+    eval_checkpoint: Optional[str] = None
+    """if set: no training; load this checkpoint, run --eval-episodes episodes and print mean/std return"""
+    eval_episodes: int = 10
+    """episodes run by the evaluation after --save-model and by --eval-checkpoint (mean actions, frozen normaliser)"""
+
+    # Algorithm (defaults: cleanrl's ppo_continuous_action.py, so the numbers compare directly)
+    env_id: str = "HalfCheetah-v4"
+    """gymnasium id of an env with a bounded Box action space and a flat Box observation"""
+    total_timesteps: int = 1_000_000
+    """environment steps in total, summed over the parallel envs"""
+    learning_rate: float = 3e-4
+    """Adam step size (typical 1e-4 to 3e-4)"""
+    num_envs: int = 1
+    """parallel environments; above 1 they run in subprocesses (gymnasium AsyncVectorEnv)"""
+    num_steps: int = 2048
+    """steps per env per rollout; batch size = num_envs * num_steps"""
+    anneal_lr: bool = True
+    """decay the learning rate linearly to 0 over training"""
+    gamma: float = 0.99
+    """discount factor (typical 0.99 to 0.999); also the discount of the return whose std scales the rewards"""
+    gae_lambda: float = 0.95
+    """GAE lambda: 0 is one-step TD, 1 is the Monte-Carlo return (typical 0.9 to 0.99)"""
+    num_minibatches: int = 32
+    """minibatches per epoch; must divide the batch size (2048 / 32 = 64 samples per minibatch)"""
+    update_epochs: int = 10
+    """passes over each batch (typical 3 to 10)"""
+    norm_adv: bool = True
+    """normalise advantages to zero mean and unit std per minibatch"""
+    clip_coef: float = 0.2
+    """epsilon of the clipped surrogate: the ratio is clipped to [1 - eps, 1 + eps] (typical 0.1 to 0.3)"""
+    clip_vloss: bool = True
+    """clip the value update to +-clip_coef around the rollout's values, as in PPO2 (in scaled-return units)"""
+    ent_coef: float = 0.0
+    """weight of the entropy bonus c_ent (MuJoCo: 0; the learnable log-std explores on its own)"""
+    vf_coef: float = 0.5
+    """weight of the value loss c_vf (typical 0.5 to 1)"""
+    max_grad_norm: float = 0.5
+    """clip the global gradient norm to this (typical 0.5 to 1)"""
+    target_kl: Optional[float] = None
+    """if set, stop the update at the first minibatch whose approx KL (k3) exceeds it (typical 0.01 to 0.05)"""
+
+
+def check_args(args: Args) -> None:
+    """Raise ValueError with one readable sentence for settings that cannot train."""
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches != 0:
+        raise ValueError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
+            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
+        )
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        raise ValueError("minibatches of 1 sample cannot be normalised (--norm-adv): use fewer --num-minibatches")
+    if args.total_timesteps < batch_size:
+        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not 0 <= args.gae_lambda <= 1:
+        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
+    if args.clip_coef <= 0:
+        raise ValueError(f"--clip-coef must be > 0, got {args.clip_coef}")
+    if args.target_kl is not None and args.target_kl <= 0:
+        raise ValueError(f"--target-kl must be > 0 (or None), got {args.target_kl}")
+    if args.capture_video:
+        needed = ["moviepy"]
+        if args.env_id in gym.registry and "classic_control" in str(gym.registry[args.env_id].entry_point):
+            needed.append("pygame")  # classic-control envs draw with pygame; MuJoCo renders by itself
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions: tensors in, tensors out. The tests import these; the other scripts carry identical copies.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    last_value: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised Advantage Estimation (Schulman et al. 2016), backwards over a rollout.
+
+    rewards, values, dones: [T, N]. dones[t] = 1 when the episode ended with transition t (terminated, or
+    truncated with gamma * V(final obs) already added to rewards[t]); then nothing flows back across t.
+    last_value: [N], V of the observation after step T-1.
+
+        delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t            (TD error)
+        A_t     = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}
+        returns = A + V                                                 (the value target)
+
+    Example, one env, gamma = 0.5, lambda = 1, values 0:
+        rewards [[1], [1], [1]], dones [[0], [1], [0]], last_value [2]
+        t=2: 1 + 0.5*2 = 2;  t=1: episode ends, 1;  t=0: 1 + 0.5*1 = 1.5  ->  advantages [[1.5], [1.], [2.]]
+    """
+    not_done = 1.0 - dones
+    next_values = torch.cat([values[1:], last_value.unsqueeze(0)])  # V_{t+1}: [T, N]
+    deltas = rewards + gamma * next_values * not_done - values  # all T TD errors at once
+    decay = gamma * gae_lambda * not_done
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(last_value)
+    for t in reversed(range(rewards.shape[0])):
+        next_advantage = deltas[t] + decay[t] * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values
+
+
+def normalize_advantages(advantages: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit std; applied per minibatch, as the article's checklist asks."""
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+def ppo_clip_loss(
+    new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor, clip_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negative clipped surrogate -L^CLIP (to minimise) and the clip fraction.
+
+    r = pi_theta / pi_old = exp(new_logprob - old_logprob); L^CLIP = mean(min(r A, clip(r, 1-eps, 1+eps) A)).
+    The min makes it pessimistic: for A > 0 the gradient vanishes once r > 1+eps, for A < 0 once r < 1-eps;
+    inside the band it equals the plain importance-sampling gradient.
+    clipfrac: share of samples with |r - 1| > eps (the checklist's "10-30% is healthy").
+
+    Example: r = 1.5, A = 2, eps = 0.2 -> min(3.0, 1.2 * 2) = 2.4, loss -2.4, clipfrac 1.
+    """
+    ratio = (new_logprob - old_logprob).exp()
+    surrogate = ratio * advantages
+    clipped_surrogate = ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef) * advantages
+    loss = -torch.min(surrogate, clipped_surrogate).mean()
+    clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
+    return loss, clipfrac
+
+
+def approx_kl(new_logprob: torch.Tensor, old_logprob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sample estimates of KL(pi_old || pi_theta) from actions drawn from pi_old (Schulman's k1 and k3).
+
+    k1 = mean(-log r): unbiased, but single samples can be negative.
+    k3 = mean((r - 1) - log r): unbiased and >= 0 per sample (log r <= r - 1); the one the article prefers.
+    (The "one-sample" k2 = mean(0.5 * (log r)^2) that the article warns about is biased; it is not used.)
+    """
+    logratio = new_logprob - old_logprob
+    k1 = (-logratio).mean()
+    k3 = (logratio.exp() - 1.0 - logratio).mean()
+    return k1, k3
+
+
+def value_loss(
+    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: Optional[float]
+) -> torch.Tensor:
+    """0.5 * MSE to the returns; with clip_coef, the PPO2 clipped form.
+
+    Clipped: V_clip = V_old + clip(V_new - V_old, -c, c), loss = 0.5 * mean(max((V_new - R)^2, (V_clip - R)^2)),
+    so a minibatch cannot move a value prediction more than c (in return units) past where it helps.
+    """
+    unclipped = (new_values - returns) ** 2
+    if clip_coef is None:
+        return 0.5 * unclipped.mean()
+    clipped_values = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
+    clipped = (clipped_values - returns) ** 2
+    return 0.5 * torch.max(unclipped, clipped).mean()
+
+
+def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+    """1 - Var(y_true - y_pred) / Var(y_true): 1 is a perfect critic, 0 no better than a constant, < 0 worse.
+    NaN when Var(y_true) == 0 (nothing to explain)."""
+    var_true = y_true.var(correction=0)
+    ev = 1.0 - (y_true - y_pred).var(correction=0) / var_true
+    return torch.where(var_true == 0, torch.full_like(ev, float("nan")), ev)
+
+
+def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s) of a diagonal Gaussian N(mean, exp(log_std)^2), summed over the last (action) dimension.
+
+    The action dimensions are drawn independently, so the joint density is the product of the per-dimension
+    densities and its log the sum of
+        log N(a; mu, sigma) = -(a - mu)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi).
+    mean, actions: [..., A]; log_std: [A] (state-independent) or [..., A]. Returns [...].
+    Written out instead of torch.distributions.Normal: same numbers, no distribution object per call.
+
+    Example: mean [0, 0], log_std [0, 0], action [1, 0] -> -0.5 - 2 * 0.9189 = -2.3379.
+    """
+    z = (actions - mean) * torch.exp(-log_std)  # the action in standard deviations from the mean
+    return -0.5 * z.square().sum(-1) - (log_std + LOG_SQRT_2PI).sum(-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """Entropy of a diagonal Gaussian, summed over the last (action) dimension:
+    H = sum_i (1/2 + log sqrt(2 pi) + log sigma_i). It does not depend on the mean; with a state-independent
+    log_std it is the same for every state. Example: log_std [0] -> 1.4189; log_std [0, log 2] -> 3.5310."""
+    return (0.5 + LOG_SQRT_2PI + log_std).sum(-1)
+
+
+class RunningMeanStd:
+    """Running mean and variance of a stream of batches, on `device`, in float64.
+
+    update(batch) merges a batch [B, *shape] with Chan et al.'s parallel formula (the batch form of Welford's
+    update), so after any sequence of batches mean and var are those of all the data seen (var with
+    correction 0). Before the first batch: mean 0, var 1, count 0, so normalize() is the identity.
+    With n samples so far, n_b in the batch and w = n_b / (n + n_b) the batch's weight:
+
+        delta = mean_b - mean
+        mean' = mean + w * delta
+        var'  = (1 - w) * var + w * var_b + w * (1 - w) * delta^2
+
+    Example: update([[1.], [3.]]) then update([[5.]]) -> mean 3, var 8/3 (those of [1, 3, 5]).
+    """
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device):
+        self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.var = torch.ones(shape, dtype=torch.float64, device=device)
+        self.count = 0.0  # a Python float: exact up to 2^53 samples, and no tensor op per update
+
+    def update(self, batch: torch.Tensor) -> None:
+        """Merge batch [B, *shape] (float64 for full precision) into the statistics. In place: 6 tensor ops,
+        since it runs once per environment step."""
+        batch_var, batch_mean = torch.var_mean(batch, dim=0, correction=0)
+        self.count += batch.shape[0]
+        w = batch.shape[0] / self.count
+        delta = batch_mean - self.mean
+        self.mean.add_(delta, alpha=w)
+        self.var.mul_(1.0 - w).add_(batch_var, alpha=w).addcmul_(delta, delta, value=w * (1.0 - w))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / sqrt(var + 1e-8), clipped to +-10, as float32. Reads the statistics, never updates them."""
+        return ((x - self.mean) / (self.var + NORM_EPS).sqrt()).clamp_(-NORM_CLIP, NORM_CLIP).float()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies, as tensors only, so a checkpoint holding it loads with torch.load(weights_only=True)."""
+        return {
+            "mean": self.mean.to("cpu", copy=True),
+            "var": self.var.to("cpu", copy=True),
+            "count": torch.tensor(self.count, dtype=torch.float64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copies in (later in-place updates never write into `state`)."""
+        self.mean = state["mean"].to(self.mean.device, torch.float64, copy=True)
+        self.var = state["var"].to(self.var.device, torch.float64, copy=True)
+        self.count = float(state["count"])
+
+
+class RewardScaler:
+    """Divides each reward by the running std of the discounted return, clips to +-10 (Engstrom et al. 2020's
+    "reward scaling"; the article's fix for "critic predictions explode").
+
+    Per env, returns accumulates G_t = r_t + gamma * G_{t-1} over the current episode and restarts at 0 when
+    the episode ends (terminated or truncated: the next reward belongs to a new episode). The rewards are only
+    divided, never shifted, so their sign (and what is good or bad) is kept.
+
+    Example, one env, gamma 0.5: rewards 2, 2 -> returns 2, 3 -> std of {2, 3} is 0.5 -> second reward 4.
+    """
+
+    def __init__(self, num_envs: int, gamma: float, device: torch.device):
+        self.gamma = gamma
+        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=device)  # [N]
+        self.return_rms = RunningMeanStd((), device)
+
+    def __call__(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """reward, done: [N] for one step of the N envs; returns the scaled reward [N]."""
+        self.returns.mul_(self.gamma).add_(reward)
+        self.return_rms.update(self.returns)
+        scaled = (reward / (self.return_rms.var + NORM_EPS).sqrt()).clamp_(-NORM_CLIP, NORM_CLIP)
+        self.returns.mul_(1.0 - done)
+        return scaled
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain `std`, constant bias (implementation detail 2 of Huang et al. 2022)."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """Separate actor and critic MLPs (64-64 tanh), as in cleanrl's ppo_continuous_action.py.
+
+    The policy is N(actor_mean(s), exp(actor_logstd)^2) per action dimension, with one learnable log-std per
+    dimension shared by all states (start 0: std 1). The mean head starts at std 0.01, so the first policy
+    acts around 0 whatever it sees."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden: int = 64):
+        super().__init__()
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, 1), std=1.0),
+        )
+        self.actor_mean = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, hidden)),
+            nn.Tanh(),
+            layer_init(nn.Linear(hidden, action_dim), std=0.01),
+        )
+        self.actor_logstd = nn.Parameter(torch.zeros(action_dim))  # [A]
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(obs).squeeze(-1)  # [B]
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.actor_mean(obs), self.value(obs)  # mean [B, A], value [B]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environments, logging, checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
+    """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
+    next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
+    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs.
+    With more than one env, each runs in its own process (AsyncVectorEnv): MuJoCo physics is most of a step's
+    cost, and this way two envs step on two cores at once. No wrappers: clipping and normalisation happen on
+    the device in main()."""
+
+    def make_one(index: int):
+        def thunk():
+            if args.capture_video and index == 0:
+                env = gym.make(args.env_id, render_mode="rgb_array")
+                return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
+            return gym.make(args.env_id)
+
+        return thunk
+
+    vector_env = gym.vector.AsyncVectorEnv if args.num_envs > 1 else gym.vector.SyncVectorEnv
+    return vector_env(
+        [make_one(i) for i in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+
+
+def check_env(env_id: str) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(obs_dim, action_dim, action_low, action_high) of env_id, or ValueError saying why this script cannot
+    train on it."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as err:  # unknown id, wrong version, missing extra (mujoco, box2d, ...)
+        raise ValueError(f"cannot make env {env_id!r}: {err}") from None
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if isinstance(act_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete, gym.spaces.MultiBinary)):
+        raise ValueError(
+            f"{env_id} has a {type(act_space).__name__} action space; this script needs a bounded Box "
+            "(use ppo_discrete.py for Discrete actions)"
+        )
+    if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
+        raise ValueError(f"{env_id} actions are {act_space}; this script needs a bounded Box of one dimension")
+    if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
+        raise ValueError(
+            f"{env_id} has an unbounded action space {act_space}; this script needs finite bounds to clip "
+            "the Gaussian's samples to"
+        )
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(
+            f"{env_id} observations are {obs_space}; this script needs a flat Box (a vector), "
+            "not images (those need a CNN encoder)"
+        )
+    return obs_space.shape[0], act_space.shape[0], act_space.low, act_space.high
+
+
+class Logger:
+    """Every iteration: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with
+    --track. A wandb error is printed once and turns wandb off; it never stops training."""
+
+    def __init__(self, args: Args, run_dir: str, run_name: str):
+        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
+        self.wandb_run = None
+        if args.track:
+            try:
+                import wandb
+
+                self.wandb_run = wandb.init(
+                    project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                    config=asdict(args), dir=run_dir,
+                )
+            except Exception as err:  # any wandb failure (no login, no network, bad entity): keep training
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+
+    def log(self, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
+        self.metrics_file.write(json.dumps(clean) + "\n")
+        def show(key, spec):
+            return "-" if metrics[key] is None else format(metrics[key], spec)
+
+        print(
+            f"iter {metrics['iteration']:>4} step {metrics['global_step']:>8} | "
+            f"return {show('episodic_return', '6.1f')} (last 100: {show('episodic_return_100', '6.1f')}) | "
+            f"kl {show('approx_kl_k3', '.4f')} clip {show('clipfrac', '.3f')} ent {show('entropy', '.3f')} "
+            f"ev {show('explained_variance', '5.2f')} | sps {metrics['sps']:.0f}"
+        )
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["global_step"])
+            except Exception as err:  # see __init__: training matters more than the dashboard
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+                self.wandb_run = None
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as err:
+                print(f"wandb finish failed: {type(err).__name__}: {err}")
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, or ValueError saying what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one that needs unpickling arbitrary code
+        raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True: {err}") from None
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    if script != SCRIPT:
+        raise ValueError(f"{path} was written by {script or 'something else'}.py, not {SCRIPT}.py")
+    return checkpoint
+
+
+def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -> np.ndarray:
+    """Returns (unscaled) of `episodes` full episodes of the saved agent taking its mean action, clipped to
+    the bounds. Observations go through the saved normaliser, frozen: evaluation reads its statistics and never
+    updates them, so the agent sees inputs on the scale it was trained on."""
+    env_id = checkpoint["args"]["env_id"]
+    obs_dim, action_dim, low, high = check_env(env_id)
+    agent = Agent(obs_dim, action_dim).to(device)
+    agent.load_state_dict(checkpoint["model"])
+    obs_rms = RunningMeanStd((obs_dim,), device)
+    obs_rms.load_state_dict(checkpoint["obs_rms"])
+    env = gym.make(env_id)
+    returns = np.zeros(episodes)
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            with torch.no_grad():
+                mean = agent.actor_mean(obs_rms.normalize(torch.as_tensor(obs, device=device)))
+            obs, reward, terminated, truncated, _ = env.step(np.clip(mean.cpu().numpy(), low, high))
+            returns[episode] += reward
+            done = terminated or truncated
+    env.close()
+    return returns
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pick_device(want_cuda: bool) -> torch.device:
+    if want_cuda and not torch.cuda.is_available():
+        print("--cuda: no CUDA device found, running on the CPU")
+    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    args = tyro.cli(Args, args=argv)
+    torch.set_num_threads(args.torch_threads)
+    device = pick_device(args.cuda)
+
+    if args.eval_checkpoint is not None:
+        try:
+            checkpoint = load_checkpoint(args.eval_checkpoint)
+            returns = evaluate(checkpoint, args.eval_episodes, args.seed, device)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        print(f"eval {checkpoint['args']['env_id']}: return {returns.mean():.2f} +- {returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        return {"eval_returns": returns}
+
+    # Every check happens before anything is written, so bad input leaves no run folder behind.
+    try:
+        check_args(args)
+        obs_dim, action_dim, action_low_np, action_high_np = check_env(args.env_id)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    logger = Logger(args, run_dir, run_name)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = make_envs(args, run_name)
+    agent = Agent(obs_dim, action_dim).to(device)
+    # fused=True: one kernel for the whole Adam step instead of several per parameter (same arithmetic).
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    action_low = torch.as_tensor(action_low_np, dtype=torch.float32, device=device)  # [A]
+    action_high = torch.as_tensor(action_high_np, dtype=torch.float32, device=device)  # [A]
+    obs_rms = RunningMeanStd((obs_dim,), device)
+    reward_scaler = RewardScaler(args.num_envs, args.gamma, device)
+
+    # Rollout buffer, preallocated on the device and overwritten every iteration. obs holds the observations
+    # as the policy saw them (normalised with the statistics of that moment), rewards the scaled rewards.
+    T, N = args.num_steps, args.num_envs
+    obs = torch.zeros((T, N, obs_dim), device=device)
+    actions = torch.zeros((T, N, action_dim), device=device)  # the unclipped Gaussian samples
+    rewards = torch.zeros((T, N), device=device)
+    dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
+    truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
+    final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes, normalised
+
+    # Episode statistics stay on the host, next to the numpy (unscaled) rewards the envs return.
+    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=np.int64)
+    ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
+    last_100 = collections.deque(maxlen=100)
+
+    next_obs_np, _ = envs.reset(seed=args.seed)
+    raw_obs = torch.as_tensor(next_obs_np, dtype=torch.float64, device=device)  # [N, obs_dim]
+    obs_rms.update(raw_obs)
+    next_obs = obs_rms.normalize(raw_obs)
+    global_step, start_time = 0, time.time()
+
+    for iteration in range(1, num_iterations + 1):
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
+        optimizer.param_groups[0]["lr"] = lr
+        ended_return.fill(np.nan)
+        truncated_at.zero_()
+
+        # ---- rollout: T steps of N envs; per step only the actor mean runs (log-probs and values: below) ----
+        with torch.no_grad():
+            # std * N(0, 1) noise of every step, drawn at once: the std does not change during the rollout.
+            noise = agent.actor_logstd.exp() * torch.randn((T, N, action_dim), device=device)  # [T, N, A]
+            for step in range(T):
+                obs[step] = next_obs
+                # a ~ N(mean, std^2), unclipped, written straight into the buffer
+                torch.add(agent.actor_mean(next_obs), noise[step], out=actions[step])  # [N, A]
+                # Clipped only for the env: the update needs log pi_old of the sample the policy really drew.
+                env_action = torch.clamp(actions[step], action_low, action_high)
+
+                next_obs_np, reward, terminated, truncated, info = envs.step(env_action.cpu().numpy())
+                global_step += N
+                done = terminated | truncated
+                dones[step] = torch.from_numpy(done)  # copy_ into the float32 buffer casts (and moves to device)
+                rewards[step] = reward_scaler(torch.as_tensor(reward, dtype=torch.float64, device=device), dones[step])
+                raw_obs = torch.as_tensor(next_obs_np, dtype=torch.float64, device=device)
+                obs_rms.update(raw_obs)  # the observations the policy will act on (reset ones included)
+                next_obs = obs_rms.normalize(raw_obs)
+                time_limit = truncated & ~terminated
+                if time_limit.any():
+                    mask = torch.as_tensor(time_limit, device=device)
+                    truncated_at[step] = mask
+                    final_obs[step, mask] = obs_rms.normalize(
+                        torch.as_tensor(np.stack(info["final_obs"][time_limit]), dtype=torch.float64, device=device)
+                    )
+
+                episode_return += reward
+                episode_length += 1
+                if done.any():
+                    ended_return[step, done], ended_length[step, done] = episode_return[done], episode_length[done]
+                    episode_return[done], episode_length[done] = 0.0, 0
+
+        # ---- pi_old's log-probs and values for the whole batch, one forward pass ----
+        # Exact, not an approximation: the parameters did not change during the rollout, and obs holds the
+        # normalised inputs the actor saw, so these equal the per-step log-probs and values.
+        b_obs, b_actions = obs.reshape(batch_size, obs_dim), actions.reshape(batch_size, action_dim)
+        with torch.no_grad():
+            mean, b_values = agent(b_obs)
+            b_logprobs = gaussian_log_prob(mean, agent.actor_logstd, b_actions)
+            values = b_values.reshape(T, N)
+            # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
+            # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal. Both terms must
+            # be on the critic's scale: the critic is trained on returns built from SCALED rewards (divided by
+            # the running std of the return), so V estimates a sum of scaled rewards, and it was trained on
+            # NORMALISED observations, so it must be fed the final obs normalised the same way. A raw final obs,
+            # or V added to a raw reward, would mix two units and bias every advantage of the episode's tail.
+            rewards += args.gamma * truncated_at * agent.value(final_obs)
+            advantages, returns = compute_gae(rewards, values, dones, agent.value(next_obs), args.gamma, args.gae_lambda)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+
+        # ---- update: update_epochs passes of num_minibatches minibatches ----
+        stats = []  # one [5] tensor per minibatch: policy loss, value loss, entropy, clipfrac, loss
+        stop = False
+        for epoch in range(args.update_epochs):
+            # Shuffle once per epoch (one gather per tensor); the minibatches are then contiguous slices (views).
+            permutation = torch.randperm(batch_size, device=device)
+            e_obs, e_actions, e_logprobs, e_advantages, e_returns, e_values = (
+                x[permutation] for x in (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
+            )
+            for start in range(0, batch_size, minibatch_size):
+                mb = slice(start, start + minibatch_size)
+                mean, new_values = agent(e_obs[mb])
+                new_logprob = gaussian_log_prob(mean, agent.actor_logstd, e_actions[mb])
+                if args.target_kl is not None:
+                    # KL of the policy as it is now, on this minibatch: past the target, stop before stepping.
+                    _, kl_now = approx_kl(new_logprob.detach(), e_logprobs[mb])
+                    if kl_now.item() > args.target_kl:
+                        stop = True
+                        break
+                mb_advantages = normalize_advantages(e_advantages[mb]) if args.norm_adv else e_advantages[mb]
+                pg_loss, clipfrac = ppo_clip_loss(new_logprob, e_logprobs[mb], mb_advantages, args.clip_coef)
+                v_loss = value_loss(new_values, e_values[mb], e_returns[mb], args.clip_coef if args.clip_vloss else None)
+                entropy_mean = gaussian_entropy(agent.actor_logstd)  # state-independent std: the same for all states
+                loss = pg_loss - args.ent_coef * entropy_mean + args.vf_coef * v_loss
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                optimizer.step()
+                stats.append(torch.stack([pg_loss, v_loss, entropy_mean, clipfrac, loss]).detach())
+            if stop:
+                break
+
+        # ---- diagnostics: one host sync per iteration ----
+        with torch.no_grad():
+            mean = agent.actor_mean(b_obs)
+            kl_k1, kl_k3 = approx_kl(gaussian_log_prob(mean, agent.actor_logstd, b_actions), b_logprobs)
+            ev = explained_variance(b_values, b_returns)
+            action_std_now = agent.actor_logstd.exp().mean()
+        names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss")
+        if stats:  # [minibatches done, 5]; empty only when --target-kl stopped before the first step
+            stats = torch.stack(stats)
+            bad = (~torch.isfinite(stats)).nonzero()
+            if len(bad):
+                minibatch, column = bad[0].tolist()
+                logger.close()
+                envs.close()
+                raise SystemExit(
+                    f"error: {names[column]} is {stats[minibatch, column].item()} at iteration {iteration}, "
+                    f"minibatch {minibatch + 1} (step {global_step}); stopping, nothing saved"
+                )
+        means = stats.mean(0).tolist() if len(stats) else [None] * len(names)
+        ended = ended_return[~np.isnan(ended_return)]
+        last_100.extend(ended.tolist())
+        elapsed = time.time() - start_time
+        logger.log({
+            "iteration": iteration,
+            "global_step": global_step,
+            "time": elapsed,
+            "sps": global_step / elapsed,
+            "learning_rate": lr,
+            **dict(zip(names, means)),
+            "approx_kl_k1": kl_k1.item(),
+            "approx_kl_k3": kl_k3.item(),
+            "explained_variance": ev.item(),
+            "action_std": action_std_now.item(),
+            "reward_scale": math.sqrt(reward_scaler.return_rms.var.item() + NORM_EPS),
+            "update_minibatches": len(stats),
+            "episodes": len(ended),
+            "episodic_return": float(ended.mean()) if len(ended) else None,
+            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
+            "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+        })
+
+    envs.close()
+    summary = {
+        "global_step": global_step,
+        "time": time.time() - start_time,
+        "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+    }
+    if args.save_model:
+        path = os.path.join(run_dir, f"{SCRIPT}.pt")
+        torch.save({
+            "script": SCRIPT,
+            "model": agent.state_dict(),
+            "args": asdict(args),
+            "obs_rms": obs_rms.state_dict(),
+            "return_rms": reward_scaler.return_rms.state_dict(),
+        }, path)
+        eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
+        print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        summary["eval_return_mean"] = float(eval_returns.mean())
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    logger.close()
+    final = summary["episodic_return_100"]
+    print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
+          f"{'-' if final is None else f'{final:.2f}'}; metrics in {run_dir}/metrics.jsonl")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
