@@ -1,0 +1,1047 @@
+"""TRPO: natural gradient by conjugate gradient, a KL-bounded step and a backtracking line search, in one file.
+
+Run:
+    python trpo.py                                              # CartPole-v1, 500k steps, categorical policy
+    python trpo.py --env-id Hopper-v4 --total-timesteps 1000000 # any bounded Box action space: Gaussian policy
+    python trpo.py --eval-checkpoint runs/<run_name>/trpo.pt    # evaluate a saved agent
+    python trpo.py --help                                       # every flag, with its meaning
+
+The policy head is chosen from the env: softmax over logits for a Discrete action space, a diagonal Gaussian with
+a state-independent log-std for a bounded Box action space.
+
+What it implements, by section of the article "PPO and TRPO -- Trust Region Policy Optimization":
+    "Importance sampling"          r = pi_theta(a|s) / pi_old(a|s), L = E[r A]            -> surrogate
+    "The constrained problem"      max L  s.t.  mean KL(pi_old || pi_theta) <= delta     -> trpo_update
+                                   the mean KL, exactly, per state                        -> categorical_kl, gaussian_kl
+    "Natural gradient"             KL ~ 1/2 dtheta^T F dtheta, F = E[grad log pi grad log pi^T];
+                                   F v as the Hessian-vector product of the mean KL      -> fisher_vector_product
+                                   solve F x = g without forming F                        -> conjugate_gradient
+                                   step = sqrt(2 delta / (x^T F x)) * x                   -> trpo_update
+                                   backtrack until KL <= delta and L improves, else keep  -> line_search
+    "Parameter space lies"         Gaussian policy, KL measured in distribution space     -> GaussianPolicy, gaussian_kl
+    "A complete PPO implementation" GAE (the same function as the PPO scripts)            -> compute_gae
+    "Debugging checklist"          approx KL k1 / k3, explained variance        -> approx_kl, explained_variance
+    "Common failure modes"         running observation / reward normalisation             -> RunningMeanStd
+The monotonic-improvement bound of "TRPO" is theory only: as the article says, its constant C is too pessimistic,
+and TRPO replaces the penalty with the hard constraint above.
+
+Differences from Spinning Up's trpo and sb3-contrib's TRPO, each on purpose (the README says why):
+    - vectorised envs with gymnasium 1.x SAME_STEP autoreset: a time-limit truncation is bootstrapped with
+      gamma * V(final observation) (on the normalised scale when rewards are scaled), no update ever uses a
+      transition across an autoreset;
+    - observation and reward normalisation run on the device inside the script, are saved in the checkpoint and
+      are frozen when a checkpoint is evaluated (sb3 needs the VecNormalize file saved beside the model);
+    - every piece of the update (CG, Fisher-vector product, line search) is a module-level function that the
+      tests call directly, and each iteration logs what the line search did and why.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+SCRIPT = "trpo"
+
+
+@dataclass
+class Args:
+    exp_name: str = SCRIPT
+    """name of this experiment (part of the run name runs/<env>__<exp_name>__<seed>__<time>)"""
+    seed: int = 1
+    """seed of python, numpy, torch and the environments"""
+    torch_deterministic: bool = True
+    """if set, cuDNN picks deterministic kernels (`torch.backends.cudnn.deterministic = True`)"""
+    cuda: bool = False
+    """run the networks, the rollout buffer and the normalisation on the GPU if there is one (else a notice, CPU)"""
+    torch_threads: int = 1
+    """CPU threads torch may use; 1 is fastest for 64-unit MLPs on small batches (benchmarks/SPEED.md)"""
+    track: bool = False
+    """log to Weights & Biases (works with WANDB_MODE=offline; a wandb error never stops training)"""
+    wandb_project_name: str = "trust-region-rl"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team or user); None: your default entity"""
+    capture_video: bool = False
+    """record episodes of env 0 to videos/<run_name>/ (needs moviepy, and pygame for classic control)"""
+    save_model: bool = False
+    """write runs/<run_name>/trpo.pt at the end (weights + normalisation statistics + args), then evaluate it"""
+    eval_checkpoint: Optional[str] = None
+    """if set: no training; load this checkpoint, run --eval-episodes episodes and print mean/std return"""
+    eval_episodes: int = 10
+    """episodes run by the evaluation after --save-model and by --eval-checkpoint (greedy: argmax / Gaussian mean)"""
+
+    # Environment and rollout
+    env_id: str = "CartPole-v1"
+    """gymnasium id of an env with a flat Box observation and a Discrete or bounded 1-D Box action space"""
+    total_timesteps: int = 500_000
+    """environment steps in total, summed over the parallel envs (500k: the CartPole benchmark; MuJoCo: 1000000)"""
+    num_envs: int = 2
+    """parallel environments (gymnasium SyncVectorEnv); rl-baselines3-zoo's TRPO settings use n_envs 2"""
+    num_steps: int = 1024
+    """steps per env per rollout; batch = num_envs * num_steps = 2048, sb3-contrib TRPO's n_steps 2048
+    (rl-baselines3-zoo MuJoCo: 2 envs x 1024); Spinning Up uses 4000"""
+    gamma: float = 0.99
+    """discount factor (sb3-contrib and Spinning Up: 0.99)"""
+    gae_lambda: float = 0.95
+    """GAE lambda: 0 is one-step TD, 1 the Monte-Carlo return (sb3-contrib: 0.95; Spinning Up: lam 0.97)"""
+    norm_obs: bool = True
+    """normalise observations by running mean/std, clipped to +-10 (sb3 VecNormalize, which rl-baselines3-zoo
+    turns on for TRPO on MuJoCo); the statistics are saved in the checkpoint and frozen at evaluation"""
+    norm_reward: bool = True
+    """divide rewards by the running std of the discounted return, clipped to +-10 (sb3 VecNormalize)"""
+
+    # Policy step: natural gradient, trust region, line search
+    max_kl: float = 0.01
+    """delta, the bound on the mean KL(pi_old || pi_theta) (article: ~0.01; sb3-contrib target_kl 0.01;
+    Spinning Up delta 0.01)"""
+    norm_adv: bool = True
+    """normalise advantages to zero mean and unit std over the batch (sb3-contrib normalize_advantage=True;
+    Spinning Up does it too); the one policy step sees the whole batch"""
+    cg_iters: int = 10
+    """conjugate-gradient iterations, each one Fisher-vector product (Spinning Up cg_iters 10;
+    sb3-contrib cg_max_steps 15; rl-baselines3-zoo MuJoCo 25)"""
+    cg_damping: float = 0.1
+    """lambda of F + lambda I: keeps CG well posed where F is nearly singular (sb3-contrib and Spinning Up: 0.1)"""
+    backtrack_coef: float = 0.8
+    """each rejected step is shrunk by this factor (sb3-contrib line_search_shrinking_factor 0.8, Spinning Up
+    backtrack_coeff 0.8; the article's 'halving' is 0.5)"""
+    backtrack_iters: int = 10
+    """step sizes tried: full, coef, coef^2, ...; then the old parameters are kept (sb3-contrib
+    line_search_max_iter 10, Spinning Up backtrack_iters 10)"""
+
+    # Value function: a separate network fitted by Adam
+    vf_lr: float = 1e-3
+    """Adam step size of the critic (sb3-contrib learning_rate 1e-3, Spinning Up vf_lr 1e-3)"""
+    vf_iters: int = 10
+    """epochs of minibatch Adam on the critic per iteration (sb3-contrib n_critic_updates 10;
+    rl-baselines3-zoo MuJoCo 20; Spinning Up: 80 full-batch steps)"""
+    num_minibatches: int = 16
+    """critic minibatches per epoch; must divide the batch (16 x 128 = 2048: sb3-contrib batch_size 128)"""
+
+
+def check_args(args: Args) -> None:
+    """Raise ValueError with one readable sentence for settings that cannot train."""
+    if args.vf_lr <= 0:
+        raise ValueError(f"--vf-lr must be > 0, got {args.vf_lr}")
+    for name in ("num_envs", "num_steps", "num_minibatches", "vf_iters", "cg_iters", "backtrack_iters",
+                 "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches != 0:
+        raise ValueError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
+            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
+        )
+    if args.total_timesteps < batch_size:
+        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not 0 <= args.gae_lambda <= 1:
+        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
+    if args.max_kl <= 0:
+        raise ValueError(f"--max-kl must be > 0, got {args.max_kl}")
+    if args.cg_damping < 0:
+        raise ValueError(f"--cg-damping must be >= 0, got {args.cg_damping}")
+    if not 0 < args.backtrack_coef < 1:
+        raise ValueError(f"--backtrack-coef must be in (0, 1), got {args.backtrack_coef}")
+    if args.capture_video:
+        missing = [m for m in ("moviepy", "pygame") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions shared with the PPO scripts: copied verbatim from ppo_discrete.py (tests/test_contract.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    dones: torch.Tensor,
+    last_value: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised Advantage Estimation (Schulman et al. 2016), backwards over a rollout.
+
+    rewards, values, dones: [T, N]. dones[t] = 1 when the episode ended with transition t (terminated, or
+    truncated with gamma * V(final obs) already added to rewards[t]); then nothing flows back across t.
+    last_value: [N], V of the observation after step T-1.
+
+        delta_t = r_t + gamma * V_{t+1} * (1 - done_t) - V_t            (TD error)
+        A_t     = delta_t + gamma * lambda * (1 - done_t) * A_{t+1}
+        returns = A + V                                                 (the value target)
+
+    Example, one env, gamma = 0.5, lambda = 1, values 0:
+        rewards [[1], [1], [1]], dones [[0], [1], [0]], last_value [2]
+        t=2: 1 + 0.5*2 = 2;  t=1: episode ends, 1;  t=0: 1 + 0.5*1 = 1.5  ->  advantages [[1.5], [1.], [2.]]
+    """
+    not_done = 1.0 - dones
+    next_values = torch.cat([values[1:], last_value.unsqueeze(0)])  # V_{t+1}: [T, N]
+    deltas = rewards + gamma * next_values * not_done - values  # all T TD errors at once
+    decay = gamma * gae_lambda * not_done
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(last_value)
+    for t in reversed(range(rewards.shape[0])):
+        next_advantage = deltas[t] + decay[t] * next_advantage
+        advantages[t] = next_advantage
+    return advantages, advantages + values
+
+
+def normalize_advantages(advantages: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit std; applied per minibatch, as the article's checklist asks."""
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+def approx_kl(new_logprob: torch.Tensor, old_logprob: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sample estimates of KL(pi_old || pi_theta) from actions drawn from pi_old (Schulman's k1 and k3).
+
+    k1 = mean(-log r): unbiased, but single samples can be negative.
+    k3 = mean((r - 1) - log r): unbiased and >= 0 per sample (log r <= r - 1); the one the article prefers.
+    """
+    logratio = new_logprob - old_logprob
+    k1 = (-logratio).mean()
+    k3 = (logratio.exp() - 1.0 - logratio).mean()
+    return k1, k3
+
+
+def value_loss(
+    new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip_coef: Optional[float]
+) -> torch.Tensor:
+    """0.5 * MSE to the returns; with clip_coef, the PPO2 clipped form.
+
+    Clipped: V_clip = V_old + clip(V_new - V_old, -c, c), loss = 0.5 * mean(max((V_new - R)^2, (V_clip - R)^2)),
+    so a minibatch cannot move a value prediction more than c (in return units) past where it helps.
+    """
+    unclipped = (new_values - returns) ** 2
+    if clip_coef is None:
+        return 0.5 * unclipped.mean()
+    clipped_values = old_values + (new_values - old_values).clamp(-clip_coef, clip_coef)
+    clipped = (clipped_values - returns) ** 2
+    return 0.5 * torch.max(unclipped, clipped).mean()
+
+
+def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+    """1 - Var(y_true - y_pred) / Var(y_true): 1 is a perfect critic, 0 no better than a constant, < 0 worse.
+    NaN when Var(y_true) == 0 (nothing to explain)."""
+    var_true = y_true.var(correction=0)
+    ev = 1.0 - (y_true - y_pred).var(correction=0) / var_true
+    return torch.where(var_true == 0, torch.full_like(ev, float("nan")), ev)
+
+
+def categorical_logprob_entropy(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(a|s) of the given actions and the entropy of pi(.|s), from logits [B, A] and actions [B].
+    Written out instead of torch.distributions.Categorical: same numbers, a third of the overhead per call."""
+    log_probs = logits.log_softmax(dim=-1)  # [B, A]
+    logprob = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [B]
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # [B]
+    return logprob, entropy
+
+
+def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
+    """One action per row of logits [B, A], drawn from softmax(logits), by the Gumbel-max trick:
+    argmax(logits + Gumbel noise), with Gumbel noise = -log(Exp(1)). Cheaper than torch.multinomial."""
+    return (logits - torch.empty_like(logits).exponential_().log()).argmax(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure functions of this script: the distributions' log-probs and KLs, and the TRPO solver pieces
+# ----------------------------------------------------------------------------------------------------------
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log N(a; mean, diag(exp(log_std))^2) summed over the last (action) dimension: [B, D] -> [B].
+
+        log pi(a|s) = sum_d -1/2 ((a_d - mu_d) / sigma_d)^2 - log sigma_d - 1/2 log(2 pi)
+
+    Example: mean 0, log_std 0, a = [1, 0] -> -1/2 - log(2 pi) = -2.3379.
+    """
+    z = (actions - mean) * torch.exp(-log_std)
+    return (-0.5 * z.pow(2) - log_std - 0.5 * LOG_2PI).sum(dim=-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """Entropy of a diagonal Gaussian, sum_d (1/2 + 1/2 log(2 pi) + log sigma_d), over the last dim: [B, D] -> [B]."""
+    return (0.5 + 0.5 * LOG_2PI + log_std).sum(dim=-1)
+
+
+def categorical_kl(old_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
+    """KL(pi_old || pi_new) per state, exactly: sum_a p_old(a) (log p_old(a) - log p_new(a)). [B, A] -> [B].
+
+    Example: p_old = [1/2, 1/2], p_new = [1/4, 3/4] -> 1/2 log 2 + 1/2 log(2/3) = 0.1438.
+    """
+    old_log_probs = old_logits.log_softmax(dim=-1)
+    new_log_probs = new_logits.log_softmax(dim=-1)
+    return (old_log_probs.exp() * (old_log_probs - new_log_probs)).sum(dim=-1)
+
+
+def gaussian_kl(
+    old_mean: torch.Tensor, old_log_std: torch.Tensor, new_mean: torch.Tensor, new_log_std: torch.Tensor
+) -> torch.Tensor:
+    """KL(pi_old || pi_new) per state between diagonal Gaussians, summed over the action dims: [B, D] -> [B].
+
+        KL = sum_d log(sigma_new / sigma_old) + (sigma_old^2 + (mu_old - mu_new)^2) / (2 sigma_new^2) - 1/2
+
+    The article's "parameter space lies" pair, N(0, 0.01) vs N(0, 10), read as standard deviations: close
+    parameters, yet KL = log(10 / 0.01) + 0.01^2 / (2 * 10^2) - 1/2 = 6.41 nats.
+    """
+    var_ratio = torch.exp(2.0 * (old_log_std - new_log_std))  # sigma_old^2 / sigma_new^2
+    mean_term = (old_mean - new_mean).pow(2) * torch.exp(-2.0 * new_log_std)  # (mu_old - mu_new)^2 / sigma_new^2
+    return (new_log_std - old_log_std + 0.5 * (var_ratio + mean_term) - 0.5).sum(dim=-1)
+
+
+def surrogate(new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """The importance-sampled surrogate L(theta) = mean(r A), r = pi_theta(a|s) / pi_old(a|s) = exp(new - old).
+
+    At theta = theta_old, r = 1, so L = mean(A) and grad L = mean(A grad log pi): the policy gradient
+    (article, "Importance sampling": locally the same value and gradient as J). TRPO maximises it; no clip.
+
+    Example: new - old = log 2 on one sample with A = 3, and 0 on one with A = -1 -> mean(6, -1) = 2.5.
+    """
+    ratio = (new_logprob - old_logprob).exp()
+    return (ratio * advantages).mean()
+
+
+def flat_params(module: nn.Module) -> torch.Tensor:
+    """All parameters of `module`, in .parameters() order, as one detached 1-D tensor (a copy)."""
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).clone()
+
+
+def set_flat_params(module: nn.Module, flat: torch.Tensor) -> None:
+    """Write a 1-D tensor laid out as flat_params(module) back into the parameters, in place.
+    Inverse of flat_params: set_flat_params(m, flat_params(m)) changes nothing."""
+    total = sum(p.numel() for p in module.parameters())
+    if flat.numel() != total:
+        raise ValueError(f"flat vector has {flat.numel()} entries, the module has {total} parameters")
+    offset = 0
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def flat_grad(
+    output: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    retain_graph: Optional[bool] = None,
+    create_graph: bool = False,
+) -> torch.Tensor:
+    """d output / d params for a scalar output, concatenated into one 1-D tensor in the order of `params`.
+    A parameter the output does not depend on gets zeros. create_graph=True builds the graph of the gradient
+    itself, so that it can be differentiated again (what fisher_vector_product needs); retain_graph keeps the
+    forward graph for another gradient (None: as torch.autograd.grad, i.e. equal to create_graph)."""
+    grads = torch.autograd.grad(output, params, retain_graph=retain_graph, create_graph=create_graph,
+                                allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+
+
+def fisher_vector_product(
+    kl_grad: torch.Tensor, params: Sequence[torch.Tensor], vector: torch.Tensor, damping: float
+) -> torch.Tensor:
+    """(F + damping I) v without forming F: the Hessian-vector product of the mean KL, by double backprop.
+
+    kl_grad: flat_grad(mean_kl, params, create_graph=True), where mean_kl = mean_s KL(pi_old(.|s) || pi_theta(.|s))
+             with pi_old held fixed (detached) and evaluated at theta = theta_old.
+    params:  the policy parameters, in the order kl_grad was taken in.
+    vector:  v, 1-D, same length as kl_grad.
+
+    At theta_old the KL and its gradient are 0 and its Hessian is the Fisher matrix,
+        d^2 KL / d theta^2 = F = E_s E_{a ~ pi_old}[grad log pi(a|s) grad log pi(a|s)^T]
+    (article, "Natural gradient": KL ~ 1/2 dtheta^T F dtheta). Since kl_grad . v is a scalar,
+        F v = grad_theta (kl_grad . v),
+    one more backward pass per product: "two autograd passes", the first shared by every product of a CG solve.
+    damping * v is added (F + damping I), as Spinning Up and sb3-contrib do, so CG never meets a zero
+    curvature direction (F is singular wherever parameters do not change the policy on the batch).
+    """
+    hessian_vector = flat_grad(kl_grad @ vector, params, retain_graph=True)
+    return hessian_vector + damping * vector
+
+
+def conjugate_gradient(
+    Avp: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, n_steps: int = 10, residual_tol: float = 1e-10
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve A x = b for symmetric positive-definite A, given only v -> A v. Returns (x, r^T r).
+
+    Conjugate gradient from x = 0 (so the first residual r = b - A x is b):
+        alpha = r^T r / p^T A p;  x += alpha p;  r -= alpha A p;  p = r + (r_new^T r_new / r^T r) p
+    at most n_steps products A p, stopping as soon as the squared residual norm r^T r = |b - A x|^2 is <= residual_tol
+    (checked before each product, so an exact solution costs no further product). The second return value is that
+    squared residual norm at exit. In exact arithmetic CG solves an n x n system in n steps, and in k steps when A
+    has k distinct eigenvalues. TRPO calls it with A = F + damping I and b = g (article, "Conjugate gradient").
+
+    Example: A = diag(2, 2), b = [2, 4] -> one product: alpha = 20 / 40, x = [1, 2], r = 0.
+    """
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    rdotr = r @ r
+    for _ in range(n_steps):
+        if rdotr <= residual_tol:
+            break
+        Ap = Avp(p)
+        alpha = rdotr / (p @ Ap)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        new_rdotr = r @ r
+        p = r + (new_rdotr / rdotr) * p
+        rdotr = new_rdotr
+    return x, rdotr
+
+
+class LineSearchResult(NamedTuple):
+    params: torch.Tensor  # the accepted flat parameters, or the old ones
+    accepted: bool  # False: no step size satisfied both conditions, the old parameters are kept
+    backtracks: int  # times the step was shrunk before acceptance; backtrack_iters when nothing was accepted
+    step_fraction: float  # coef ** backtracks of the full step that was taken (0.0 when none)
+    surrogate: float  # L at the returned parameters
+    kl: float  # mean KL(pi_old || pi) at the returned parameters (0.0 when the old ones are kept)
+
+
+def line_search(
+    evaluate: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    old_params: torch.Tensor,
+    full_step: torch.Tensor,
+    surrogate_old: float,
+    max_kl: float,
+    backtrack_coef: float,
+    backtrack_iters: int,
+) -> LineSearchResult:
+    """Backtracking line search along the natural-gradient step (article, "Natural gradient", trick 2).
+
+    Tries theta = theta_old + coef^j * full_step for j = 0, 1, ..., backtrack_iters - 1 and accepts the first one
+    whose measured mean KL is <= max_kl AND whose surrogate is strictly above surrogate_old. The quadratic model
+    behind full_step can be loose in both respects; the check keeps the update inside the trust region and never
+    lets it make the surrogate worse. If no j passes, returns old_params (accepted False): no update this time.
+
+    evaluate(flat_params) -> (L, mean KL) at those parameters; it may load them into the policy (the caller loads
+    result.params afterwards). Costs one evaluation per try, usually one in all.
+    """
+    for backtracks in range(backtrack_iters):
+        step_fraction = backtrack_coef**backtracks
+        params = old_params + step_fraction * full_step
+        surrogate_new, kl = (float(v) for v in evaluate(params))
+        if kl <= max_kl and surrogate_new > surrogate_old:  # False for NaN too: a NaN step is never taken
+            return LineSearchResult(params, True, backtracks, step_fraction, surrogate_new, kl)
+    return LineSearchResult(old_params, False, backtrack_iters, 0.0, surrogate_old, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain `std`, constant bias (implementation detail 2 of Huang et al. 2022)."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(in_dim: int, out_dim: int, out_std: float, hidden: int = 64) -> nn.Sequential:
+    """64-64 tanh MLP (Spinning Up's and sb3's default for TRPO), orthogonal init, last layer gain out_std."""
+    return nn.Sequential(
+        layer_init(nn.Linear(in_dim, hidden)),
+        nn.Tanh(),
+        layer_init(nn.Linear(hidden, hidden)),
+        nn.Tanh(),
+        layer_init(nn.Linear(hidden, out_dim), std=out_std),
+    )
+
+
+class CategoricalPolicy(nn.Module):
+    """pi(a|s) = softmax(logits(s)) for a Discrete action space. The distribution is passed around as the tuple
+    (logits [B, A],), so that both policies share one interface: forward, log_prob_entropy, kl, sample, mode.
+    The last layer starts at gain 0.01 so the first policy is near uniform."""
+
+    def __init__(self, obs_dim: int, n_actions: int):
+        super().__init__()
+        self.net = mlp(obs_dim, n_actions, out_std=0.01)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.net(obs),)
+
+    def log_prob_entropy(self, dist: tuple[torch.Tensor, ...], actions: torch.Tensor):
+        return categorical_logprob_entropy(dist[0], actions)
+
+    def kl(self, old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return categorical_kl(old[0], new[0])
+
+    def sample(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return sample_categorical(dist[0])
+
+    def mode(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return dist[0].argmax(dim=-1)
+
+    def env_action(self, action: torch.Tensor) -> np.ndarray:
+        return action.cpu().numpy()
+
+
+class GaussianPolicy(nn.Module):
+    """pi(a|s) = N(mu(s), diag(sigma)^2) for a bounded Box action space, with a state-independent log sigma
+    (a free parameter, starting at 0: sigma = 1, as in sb3 and cleanrl). The distribution is (mean [B, D],
+    log_std [B, D]). Samples are stored and scored unclipped; only the action sent to the env is clipped to the
+    bounds (sb3 does the same; the article's tanh squashing would change log pi and is not used here)."""
+
+    def __init__(self, obs_dim: int, action_space: gym.spaces.Box):
+        super().__init__()
+        action_dim = action_space.shape[0]
+        self.net = mlp(obs_dim, action_dim, out_std=0.01)
+        self.log_std = nn.Parameter(torch.zeros(action_dim))
+        self.register_buffer("low", torch.as_tensor(action_space.low, dtype=torch.float32))
+        self.register_buffer("high", torch.as_tensor(action_space.high, dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mean = self.net(obs)
+        return mean, self.log_std.expand_as(mean)
+
+    def log_prob_entropy(self, dist: tuple[torch.Tensor, ...], actions: torch.Tensor):
+        mean, log_std = dist
+        return gaussian_log_prob(mean, log_std, actions), gaussian_entropy(log_std)
+
+    def kl(self, old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return gaussian_kl(old[0], old[1], new[0], new[1])
+
+    def sample(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        mean, log_std = dist
+        return mean + log_std.exp() * torch.randn_like(mean)
+
+    def mode(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return dist[0]
+
+    def env_action(self, action: torch.Tensor) -> np.ndarray:
+        return action.clamp(self.low, self.high).cpu().numpy()
+
+
+Policy = Union[CategoricalPolicy, GaussianPolicy]
+
+
+def make_policy(obs_dim: int, action_space: gym.Space) -> Policy:
+    """The policy head the action space calls for."""
+    if isinstance(action_space, gym.spaces.Discrete):
+        return CategoricalPolicy(obs_dim, int(action_space.n))
+    return GaussianPolicy(obs_dim, action_space)
+
+
+class Critic(nn.Module):
+    """V(s): a separate 64-64 tanh MLP (not sharing layers with the policy, so the policy step moves only the
+    policy and the Fisher matrix is the policy's alone)."""
+
+    def __init__(self, obs_dim: int):
+        super().__init__()
+        self.net = mlp(obs_dim, 1, out_std=1.0)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)  # [B]
+
+
+class RunningMeanStd:
+    """Running mean and variance of a stream of batches, on the device, in float64 (Chan et al.'s parallel update).
+
+    update(batch [B, *shape]) folds a batch in, so that after any sequence of batches mean and var (correction 0)
+    are those of all the data seen; before the first batch mean 0, var 1, count 0. With n seen so far and n_b new:
+        mean' = mean + n_b / (n + n_b) * delta,   delta = mean_b - mean
+        var'  = (n var + n_b var_b + delta^2 n n_b / (n + n_b)) / (n + n_b)
+    normalize(x) = clip((x - mean) / sqrt(var + 1e-8), +-10) for observations; scale(x) = clip(x / sqrt(var + 1e-8),
+    +-10) for rewards, divided by the std of the discounted return and not centred (sb3's VecNormalize does both).
+    Both return float32. Float64 statistics: a million small updates would drift in float32.
+
+    Example: update([[0.], [2.]]) then update([[4.]]) -> mean 2, var 8/3 (those of [0, 2, 4]), count 3.
+    """
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device, clip: float = 10.0, epsilon: float = 1e-8):
+        self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
+        self.var = torch.ones(shape, dtype=torch.float64, device=device)
+        self.count = 0.0  # a python float: no tensor op to update it, exact up to 2^53 samples
+        self.clip, self.epsilon = clip, epsilon
+
+    def update(self, batch: torch.Tensor) -> None:
+        batch_var, batch_mean = torch.var_mean(batch.to(torch.float64), dim=0, correction=0)
+        n, total = batch.shape[0], self.count + batch.shape[0]
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        # squared deviations of the union = each part's own + the shift between the two means
+        self.var = (self.var * (self.count / total) + batch_var * (n / total)
+                    + delta.square() * (self.count * n / total**2))
+        self.count = total
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x - self.mean) / torch.sqrt(self.var + self.epsilon)).clamp(-self.clip, self.clip).float()
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        return (x / torch.sqrt(self.var + self.epsilon)).clamp(-self.clip, self.clip).float()
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean = state["mean"].to(self.mean.device, torch.float64)
+        self.var = state["var"].to(self.var.device, torch.float64)
+        self.count = float(state["count"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The TRPO policy step
+# ----------------------------------------------------------------------------------------------------------
+
+
+def trpo_update(
+    policy: Policy,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    old_logprob: torch.Tensor,
+    advantages: torch.Tensor,
+    max_kl: float,
+    cg_iters: int,
+    cg_damping: float,
+    backtrack_coef: float,
+    backtrack_iters: int,
+    residual_tol: float = 1e-10,
+) -> dict:
+    """One TRPO step on a batch: maximise L = mean(r A) s.t. mean KL(pi_old || pi_theta) <= max_kl.
+
+    obs [B, obs_dim], actions [B] or [B, D], old_logprob [B] (log pi_old of the actions, pi_old = policy as
+    it is on entry), advantages [B]. Steps (article, "TRPO"):
+        g    = grad L(theta_old)                                      policy gradient
+        x    ~ (F + damping I)^-1 g, by conjugate_gradient on fisher_vector_product
+        step = sqrt(2 delta / (x^T F x)) x                            1/2 step^T F step = delta: the quadratic
+                                                                      model of the KL sits on the boundary (F
+                                                                      damped here too, as Spinning Up and
+                                                                      sb3-contrib do: a slightly shorter step)
+        line_search: accept theta_old + coef^j step for the first j with KL <= delta and L improved, else keep.
+    Leaves the accepted parameters in `policy`. Raises FloatingPointError naming the first non-finite quantity
+    among L, |g| and x^T F x. Returns the diagnostics as python numbers (what main logs).
+    """
+    params = [p for p in policy.parameters()]
+    dist = policy(obs)
+    # pi_old, fixed: only pi_theta moves in KL(pi_old || pi_theta). A copy, not a view: the Gaussian's log_std
+    # is the parameter itself, which the line search overwrites in place.
+    old_dist = tuple(t.detach().clone() for t in dist)
+    logprob, entropy = policy.log_prob_entropy(dist, actions)
+    surrogate_old = surrogate(logprob, old_logprob, advantages)  # L(theta_old) = mean(A)
+    g = flat_grad(surrogate_old, params, retain_graph=True)
+    mean_kl = policy.kl(old_dist, dist).mean()  # 0 at theta_old, but its Hessian there is F
+    kl_grad = flat_grad(mean_kl, params, create_graph=True)  # first of the "two autograd passes", shared
+
+    def fvp(v: torch.Tensor) -> torch.Tensor:
+        return fisher_vector_product(kl_grad, params, v, cg_damping)
+
+    x, residual = conjugate_gradient(fvp, g, cg_iters, residual_tol)  # natural-gradient direction F^-1 g
+    xFx = x @ fvp(x)
+    checks = torch.stack([surrogate_old.detach(), g.norm(), xFx.detach()])
+    bad = (~torch.isfinite(checks)).nonzero()
+    if len(bad):
+        name = ("surrogate", "policy_gradient_norm", "xFx")[bad[0].item()]
+        raise FloatingPointError(f"{name} is {checks[bad[0].item()].item()}")
+    full_step = torch.sqrt(2.0 * max_kl / (xFx.detach() + 1e-8)) * x.detach()  # + 1e-8 as in the article: g = 0
+    expected_full = (g @ full_step).item()  # first-order promise g^T step of the full step
+
+    old_params = flat_params(policy)
+
+    def evaluate(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        set_flat_params(policy, flat)
+        with torch.no_grad():
+            new_dist = policy(obs)
+            new_logprob, _ = policy.log_prob_entropy(new_dist, actions)
+            return surrogate(new_logprob, old_logprob, advantages), policy.kl(old_dist, new_dist).mean()
+
+    result = line_search(evaluate, old_params, full_step, surrogate_old.item(), max_kl, backtrack_coef,
+                         backtrack_iters)
+    set_flat_params(policy, result.params)
+    with torch.no_grad():
+        new_logprob, _ = policy.log_prob_entropy(policy(obs), actions)
+        kl_k1, kl_k3 = approx_kl(new_logprob, old_logprob)
+    return {
+        "policy_loss": -result.surrogate,  # -L after the step; L(theta_old) = mean(A), 0 with --norm-adv
+        "entropy": entropy.mean().item(),  # of pi_old, the policy that collected the batch
+        "kl": result.kl,  # exact mean KL(pi_old || pi_new) over the batch's states after the step
+        "approx_kl_k1": kl_k1.item(),
+        "approx_kl_k3": kl_k3.item(),
+        "step_accepted": result.accepted,
+        "backtracks": result.backtracks,
+        "surrogate_improvement": result.surrogate - surrogate_old.item(),  # actual L(new) - L(old)
+        "expected_improvement": result.step_fraction * expected_full,  # g^T (the step taken)
+        "cg_residual": residual.item(),  # |g - (F + damping I) x|^2 when CG stopped
+        "step_norm": result.step_fraction * full_step.norm().item(),  # |theta_new - theta_old|
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environments, logging, checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
+    """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
+    next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
+    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs."""
+
+    def make_one(index: int):
+        def thunk():
+            if args.capture_video and index == 0:
+                env = gym.make(args.env_id, render_mode="rgb_array")
+                return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
+            return gym.make(args.env_id)
+
+        return thunk
+
+    return gym.vector.SyncVectorEnv(
+        [make_one(i) for i in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+
+
+def check_env(env_id: str) -> tuple[int, gym.Space]:
+    """(obs_dim, action_space) of env_id, or ValueError saying why this script cannot train on it."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as err:  # unknown id, wrong version, missing extra (box2d, ...)
+        raise ValueError(f"cannot make env {env_id!r}: {err}") from None
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if isinstance(act_space, gym.spaces.Box):
+        if len(act_space.shape) != 1:
+            raise ValueError(f"{env_id} has Box actions of shape {act_space.shape}; this script needs a 1-D Box")
+        if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
+            raise ValueError(
+                f"{env_id} has an unbounded Box action space ({act_space}); this script needs finite bounds "
+                "to clip the Gaussian's samples to"
+            )
+    elif not isinstance(act_space, gym.spaces.Discrete):
+        raise ValueError(
+            f"{env_id} has a {type(act_space).__name__} action space; this script needs Discrete or a bounded Box"
+        )
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(f"{env_id} observations are {obs_space}; this script needs a flat Box (a vector)")
+    return obs_space.shape[0], act_space
+
+
+class Logger:
+    """Every iteration: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with
+    --track. A wandb error is printed once and turns wandb off; it never stops training."""
+
+    def __init__(self, args: Args, run_dir: str, run_name: str):
+        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
+        self.wandb_run = None
+        if args.track:
+            try:
+                import wandb
+
+                self.wandb_run = wandb.init(
+                    project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                    config=asdict(args), dir=run_dir,
+                )
+            except Exception as err:  # any wandb failure (no login, no network, bad entity): keep training
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+
+    def log(self, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
+        self.metrics_file.write(json.dumps(clean) + "\n")
+        def show(key, spec):
+            return "-" if metrics[key] is None else format(metrics[key], spec)
+
+        line_search = f"{metrics['backtracks']} backtracks" if metrics["step_accepted"] else "step REJECTED"
+        print(
+            f"iter {metrics['iteration']:>4} step {metrics['global_step']:>8} | "
+            f"return {show('episodic_return', '6.1f')} (last 100: {show('episodic_return_100', '6.1f')}) | "
+            f"kl {metrics['kl']:.4f} {line_search} ent {show('entropy', '.3f')} "
+            f"ev {show('explained_variance', '5.2f')} | sps {metrics['sps']:.0f}"
+        )
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["global_step"])
+            except Exception as err:  # see __init__: training matters more than the dashboard
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+                self.wandb_run = None
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as err:
+                print(f"wandb finish failed: {type(err).__name__}: {err}")
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, or ValueError saying what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one that needs unpickling arbitrary code
+        raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True: {err}") from None
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    if script != SCRIPT:
+        raise ValueError(f"{path} was written by {script or 'something else'}.py, not {SCRIPT}.py")
+    return checkpoint
+
+
+def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -> np.ndarray:
+    """Returns of `episodes` full episodes of the saved policy acting greedily (argmax of the logits, or the
+    Gaussian's mean clipped to the bounds), on observations normalised with the saved, frozen statistics."""
+    env_id = checkpoint["args"]["env_id"]
+    obs_dim, action_space = check_env(env_id)
+    policy = make_policy(obs_dim, action_space).to(device)
+    policy.load_state_dict(checkpoint["policy"])
+    obs_rms = None
+    if checkpoint["obs_rms"] is not None:
+        obs_rms = RunningMeanStd((obs_dim,), device)
+        obs_rms.load_state_dict(checkpoint["obs_rms"])  # frozen: never updated during evaluation
+    env = gym.make(env_id)
+    returns = np.zeros(episodes)
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            if obs_rms is not None:
+                obs_t = obs_rms.normalize(obs_t)
+            with torch.no_grad():
+                action = policy.mode(policy(obs_t))
+            obs, reward, terminated, truncated, _ = env.step(policy.env_action(action))
+            returns[episode] += reward
+            done = terminated or truncated
+    env.close()
+    return returns
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pick_device(want_cuda: bool) -> torch.device:
+    if want_cuda and not torch.cuda.is_available():
+        print("--cuda: no CUDA device found, running on the CPU")
+    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    args = tyro.cli(Args, args=argv)
+    torch.set_num_threads(args.torch_threads)
+    device = pick_device(args.cuda)
+
+    if args.eval_checkpoint is not None:
+        try:
+            checkpoint = load_checkpoint(args.eval_checkpoint)
+            returns = evaluate(checkpoint, args.eval_episodes, args.seed, device)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        print(f"eval {checkpoint['args']['env_id']}: return {returns.mean():.2f} +- {returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        return {"eval_returns": returns}
+
+    # Every check happens before anything is written, so bad input leaves no run folder behind.
+    try:
+        check_args(args)
+        obs_dim, action_space = check_env(args.env_id)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    logger = Logger(args, run_dir, run_name)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = make_envs(args, run_name)
+    policy = make_policy(obs_dim, action_space).to(device)
+    critic = Critic(obs_dim).to(device)
+    # Only the critic has an optimiser: the policy moves by the natural-gradient step alone.
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.vf_lr, eps=1e-5, fused=True)
+    obs_rms = RunningMeanStd((obs_dim,), device) if args.norm_obs else None
+    return_rms = RunningMeanStd((), device) if args.norm_reward else None
+
+    # Rollout buffer, preallocated on the device and overwritten every iteration.
+    T, N = args.num_steps, args.num_envs
+    action_shape = action_space.shape  # () for Discrete, (D,) for Box
+    obs = torch.zeros((T, N, obs_dim), device=device)  # normalised, as the policy saw them
+    actions = torch.zeros((T, N, *action_shape), dtype=torch.long if action_shape == () else torch.float32,
+                          device=device)
+    rewards = torch.zeros((T, N), device=device)  # scaled when --norm-reward
+    dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
+    truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
+    final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes, normalised
+    discounted_return = torch.zeros(N, dtype=torch.float64, device=device)  # what the reward scale is the std of
+
+    # Episode statistics stay on the host, next to the numpy rewards the envs return (raw, unscaled).
+    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=np.int64)
+    ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
+    last_100 = collections.deque(maxlen=100)
+
+    def observe(raw: np.ndarray, update: bool) -> torch.Tensor:
+        """Env observations -> the policy's input: float32 on the device, normalised with running statistics."""
+        x = torch.as_tensor(raw, dtype=torch.float32, device=device)
+        if obs_rms is None:
+            return x
+        if update:
+            obs_rms.update(x)
+        return obs_rms.normalize(x)
+
+    next_obs_np, _ = envs.reset(seed=args.seed)
+    next_obs = observe(next_obs_np, update=True)
+    global_step, start_time = 0, time.time()
+
+    for iteration in range(1, num_iterations + 1):
+        ended_return.fill(np.nan)
+        truncated_at.zero_()
+
+        # ---- rollout: T steps of N envs; per step only the actor runs (the critic runs once, batched, below) ----
+        for step in range(T):
+            obs[step] = next_obs
+            with torch.inference_mode():
+                action = policy.sample(policy(next_obs))  # a ~ pi_old(.|s): [N] or [N, D]
+            actions[step] = action
+
+            next_obs_np, reward, terminated, truncated, info = envs.step(policy.env_action(action))
+            global_step += N
+            done = terminated | truncated
+            reward_t = torch.as_tensor(reward, dtype=torch.float64, device=device)
+            done_t = torch.as_tensor(done, dtype=torch.float32, device=device)
+            if return_rms is not None:
+                # Scale by the std of the running discounted return (sb3's VecNormalize): rewards of any size
+                # give value targets of order 1. The return restarts at every episode end.
+                discounted_return = discounted_return * args.gamma + reward_t
+                return_rms.update(discounted_return)
+                reward_t = return_rms.scale(reward_t)
+                discounted_return = discounted_return * (1.0 - done_t.double())
+            rewards[step] = reward_t.float()
+            dones[step] = done_t
+            time_limit = truncated & ~terminated
+            if time_limit.any():
+                truncated_at[step] = torch.as_tensor(time_limit, dtype=torch.float32, device=device)
+                final_obs[step, time_limit] = observe(np.stack(info["final_obs"][time_limit]), update=False)
+            next_obs = observe(next_obs_np, update=True)
+
+            episode_return += reward
+            episode_length += 1
+            if done.any():
+                ended_return[step, done], ended_length[step, done] = episode_return[done], episode_length[done]
+                episode_return[done], episode_length[done] = 0.0, 0
+
+        # ---- pi_old's log-probs and the critic's values for the whole batch, one forward pass each ----
+        b_obs, b_actions = obs.reshape(batch_size, obs_dim), actions.reshape(batch_size, *action_shape)
+        with torch.no_grad():
+            b_logprobs, _ = policy.log_prob_entropy(policy(b_obs), b_actions)
+            b_values = critic(b_obs)
+            values = b_values.reshape(T, N)
+            # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs) to
+            # the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal. Both the reward and V
+            # are on the scaled reward scale, and final_obs is normalised like every observation V sees.
+            rewards += args.gamma * truncated_at * critic(final_obs)
+            advantages, returns = compute_gae(rewards, values, dones, critic(next_obs), args.gamma, args.gae_lambda)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+
+        # ---- policy: one natural-gradient step on the whole batch ----
+        # normalize_advantages is the PPO scripts' per-minibatch function; TRPO's one "minibatch" is the batch.
+        policy_advantages = normalize_advantages(b_advantages) if args.norm_adv else b_advantages
+        try:
+            policy_stats = trpo_update(
+                policy, b_obs, b_actions, b_logprobs, policy_advantages, args.max_kl, args.cg_iters,
+                args.cg_damping, args.backtrack_coef, args.backtrack_iters,
+            )
+        except FloatingPointError as err:
+            logger.close()
+            envs.close()
+            raise SystemExit(
+                f"error: {err} at iteration {iteration}, in the policy step on the whole batch "
+                f"(step {global_step}); stopping, nothing saved"
+            ) from None
+
+        # ---- critic: vf_iters epochs of num_minibatches minibatches of Adam on 0.5 * (V - R)^2 ----
+        v_losses = []  # one scalar tensor per minibatch; checked once, after the loop (one host sync)
+        for epoch in range(args.vf_iters):
+            permutation = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb = permutation[start : start + minibatch_size]
+                v_loss = value_loss(critic(b_obs[mb]), b_values[mb], b_returns[mb], None)  # plain MSE, no clip
+                critic_optimizer.zero_grad(set_to_none=True)
+                v_loss.backward()
+                critic_optimizer.step()
+                v_losses.append(v_loss.detach())
+        v_losses = torch.stack(v_losses)
+        bad = (~torch.isfinite(v_losses)).nonzero()
+        if len(bad):
+            minibatch = bad[0].item()
+            logger.close()
+            envs.close()
+            raise SystemExit(
+                f"error: value_loss is {v_losses[minibatch].item()} at iteration {iteration}, "
+                f"minibatch {minibatch + 1} (step {global_step}); stopping, nothing saved"
+            )
+
+        # ---- diagnostics: one line per iteration ----
+        ev = explained_variance(b_values, b_returns)
+        ended = ended_return[~np.isnan(ended_return)]
+        last_100.extend(ended.tolist())
+        elapsed = time.time() - start_time
+        logger.log({
+            "iteration": iteration,
+            "global_step": global_step,
+            "time": elapsed,
+            "sps": global_step / elapsed,
+            "learning_rate": args.vf_lr,  # the critic's; the policy's step size is set by the KL bound
+            **policy_stats,
+            "value_loss": v_losses.mean().item(),
+            "explained_variance": ev.item(),
+            "episodes": len(ended),
+            "episodic_return": float(ended.mean()) if len(ended) else None,
+            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
+            "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+        })
+
+    envs.close()
+    summary = {
+        "global_step": global_step,
+        "time": time.time() - start_time,
+        "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+    }
+    if args.save_model:
+        path = os.path.join(run_dir, f"{SCRIPT}.pt")
+        torch.save({
+            "script": SCRIPT,
+            "policy": policy.state_dict(),
+            "critic": critic.state_dict(),
+            "obs_rms": obs_rms.state_dict() if obs_rms is not None else None,
+            "return_rms": return_rms.state_dict() if return_rms is not None else None,
+            "args": asdict(args),
+        }, path)
+        eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
+        print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        summary["eval_return_mean"] = float(eval_returns.mean())
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    logger.close()
+    print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
+          f"{summary['episodic_return_100']}; metrics in {run_dir}/metrics.jsonl")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
