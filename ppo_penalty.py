@@ -24,7 +24,8 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
                                         explained variance 1 - Var(R - V) / Var(R)        -> explained_variance
                                         advantage normalisation per minibatch             -> normalize_advantages
     "Common failure modes"              continuous control: learnable log-std; critic
-                                        blow-up: normalise rewards (running stats)        -> Agent, RunningMeanStd
+                                        blow-up: normalise rewards (running stats)        -> Agent, RunningMeanStd,
+                                                                                            RewardScaler
     "Hyperparameter cheat sheet"        linear LR annealing, grad-norm clip               -> Args, main
 
 The ratio is never clipped here: the trust region comes only from the penalty, which is the point of having
@@ -66,8 +67,8 @@ SCRIPT = "ppo_penalty"
 # penalty is negligible against a surrogate of size ~1 (normalised advantages) at any sane KL; at 1e4 it
 # pins the policy to pi_old. Either bound is left again after log2(1e4 / beta) ~ 13 iterations at most.
 BETA_MIN, BETA_MAX = 1e-4, 1e4
-# Box envs: normalised observations and scaled rewards are clipped to +-NORM_CLIP (cleanrl's value, 10).
-NORM_CLIP = 10.0
+NORM_CLIP = 10.0  # normalised observations and scaled rewards are clipped to +-10 (cleanrl, Stable-Baselines3)
+NORM_EPS = 1e-8  # added to variances before the square root (gymnasium's normalisation wrappers)
 
 
 @dataclass
@@ -350,46 +351,77 @@ def update_beta(beta: float, kl: float, kl_target: float) -> float:
 
 
 class RunningMeanStd:
-    """Running mean and variance of a stream of batches, kept on the device (float64).
+    """Running mean and variance of a stream of batches, on `device`, in float64.
 
-    update(batch [B, *shape]) merges the batch's mean and variance into the totals with the parallel formula
-    of Chan et al. (1979); the count starts at 1e-4 (mean 0, var 1), as in gymnasium's wrappers, so the
-    first normalisation is defined. For observations normalize(x) = clip((x - mean) / sqrt(var + eps), +-clip);
-    for rewards scale(x) = clip(x / sqrt(var + eps), +-clip) (divided, not centred: the sign is kept).
-    Both read the statistics and never update them; both return x's dtype.
+    update(batch) merges a batch [B, *shape] with Chan et al.'s parallel formula (the batch form of Welford's
+    update), so after any sequence of batches mean and var are those of all the data seen (var with
+    correction 0). Before the first batch: mean 0, var 1, count 0, so normalize() is the identity.
+    With n samples so far, n_b in the batch and w = n_b / (n + n_b) the batch's weight:
 
-    Example: update([[1.], [3.]]) then update([[5.]]) -> mean 3, var 8/3 (those of [1, 3, 5], up to the 1e-4).
+        delta = mean_b - mean
+        mean' = mean + w * delta
+        var'  = (1 - w) * var + w * var_b + w * (1 - w) * delta^2
+
+    Example: update([[1.], [3.]]) then update([[5.]]) -> mean 3, var 8/3 (those of [1, 3, 5]).
     """
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device, clip: float = NORM_CLIP, epsilon: float = 1e-8):
+    def __init__(self, shape: tuple[int, ...], device: torch.device):
         self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
         self.var = torch.ones(shape, dtype=torch.float64, device=device)
-        self.count = torch.tensor(1e-4, dtype=torch.float64, device=device)
-        self.clip, self.epsilon = clip, epsilon
+        self.count = 0.0  # a Python float: exact up to 2^53 samples, and no tensor op per update
 
     def update(self, batch: torch.Tensor) -> None:
-        batch = batch.to(torch.float64)
-        batch_mean, batch_var, batch_count = batch.mean(0), batch.var(0, correction=0), batch.shape[0]
+        """Merge batch [B, *shape] (float64 for full precision) into the statistics. In place: 6 tensor ops,
+        since it runs once per environment step."""
+        batch_var, batch_mean = torch.var_mean(batch, dim=0, correction=0)
+        self.count += batch.shape[0]
+        w = batch.shape[0] / self.count
         delta = batch_mean - self.mean
-        total = self.count + batch_count
-        # sum of squared deviations of the union = both parts' own + the spread between their means
-        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
-        self.mean = self.mean + delta * batch_count / total
-        self.var = m2 / total
-        self.count = total
+        self.mean.add_(delta, alpha=w)
+        self.var.mul_(1.0 - w).add_(batch_var, alpha=w).addcmul_(delta, delta, value=w * (1.0 - w))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.mean) / (self.var + self.epsilon).sqrt()).clamp(-self.clip, self.clip).to(x.dtype)
+        """(x - mean) / sqrt(var + 1e-8), clipped to +-10, as float32. Reads the statistics, never updates them."""
+        return ((x - self.mean) / (self.var + NORM_EPS).sqrt()).clamp_(-NORM_CLIP, NORM_CLIP).float()
 
-    def scale(self, x: torch.Tensor) -> torch.Tensor:
-        return (x / (self.var + self.epsilon).sqrt()).clamp(-self.clip, self.clip).to(x.dtype)
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies, as tensors only, so a checkpoint holding it loads with torch.load(weights_only=True)."""
+        return {
+            "mean": self.mean.to("cpu", copy=True),
+            "var": self.var.to("cpu", copy=True),
+            "count": torch.tensor(self.count, dtype=torch.float64),
+        }
 
-    def state_dict(self) -> dict:
-        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "count": self.count.cpu()}
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copies in (later in-place updates never write into `state`)."""
+        self.mean = state["mean"].to(self.mean.device, torch.float64, copy=True)
+        self.var = state["var"].to(self.var.device, torch.float64, copy=True)
+        self.count = float(state["count"])
 
-    def load_state_dict(self, state: dict) -> None:
-        device = self.mean.device
-        self.mean, self.var, self.count = (state[k].to(device, torch.float64) for k in ("mean", "var", "count"))
+
+class RewardScaler:
+    """Divides each reward by the running std of the discounted return, clips to +-10 (Engstrom et al. 2020's
+    "reward scaling"; the article's fix for "critic predictions explode").
+
+    Per env, returns accumulates G_t = r_t + gamma * G_{t-1} over the current episode and restarts at 0 when
+    the episode ends (terminated or truncated: the next reward belongs to a new episode). The rewards are only
+    divided, never shifted, so their sign (and what is good or bad) is kept.
+
+    Example, one env, gamma 0.5: rewards 2, 2 -> returns 2, 3 -> std of {2, 3} is 0.5 -> second reward 4.
+    """
+
+    def __init__(self, num_envs: int, gamma: float, device: torch.device):
+        self.gamma = gamma
+        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=device)  # [N]
+        self.return_rms = RunningMeanStd((), device)
+
+    def __call__(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """reward, done: [N] for one step of the N envs; returns the scaled reward [N]."""
+        self.returns.mul_(self.gamma).add_(reward)
+        self.return_rms.update(self.returns)
+        scaled = (reward / (self.return_rms.var + NORM_EPS).sqrt()).clamp_(-NORM_CLIP, NORM_CLIP)
+        self.returns.mul_(1.0 - done)
+        return scaled
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -688,14 +720,13 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     # Box envs: observation normalisation and reward scaling on the device. The reward is divided by the
     # running std of each env's discounted return (not of the reward), as gymnasium's NormalizeReward does.
     obs_rms = RunningMeanStd((obs_dim,), device) if not discrete else None
-    return_rms = RunningMeanStd((), device) if not discrete else None
-    discounted_return = torch.zeros(N, device=device)  # [N], Box envs only; reset when an episode ends
+    reward_scaler = RewardScaler(N, args.gamma, device) if not discrete else None
 
     def observe(raw: np.ndarray) -> torch.Tensor:
         """Raw observations [n, obs_dim] -> what the networks see; Box envs: stats updated, then normalised."""
-        x = torch.as_tensor(np.asarray(raw), dtype=torch.float32, device=device)
         if obs_rms is None:
-            return x
+            return torch.as_tensor(np.asarray(raw), dtype=torch.float32, device=device)
+        x = torch.as_tensor(np.asarray(raw), dtype=torch.float64, device=device)  # float64: the stats are float64
         obs_rms.update(x)
         return obs_rms.normalize(x)
 
@@ -727,25 +758,19 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             next_obs_np, reward, terminated, truncated, info = envs.step(env_action.cpu().numpy())
             global_step += N
             done = terminated | truncated
-            done_t = torch.as_tensor(done, device=device)  # [N] bool
-            reward_t = torch.as_tensor(reward, dtype=torch.float32, device=device)  # [N]
-            if return_rms is not None:
-                discounted_return = discounted_return * args.gamma + reward_t
-                return_rms.update(discounted_return)
-                reward_t = return_rms.scale(reward_t)
-                discounted_return[done_t] = 0.0
-            rewards[step] = reward_t
-            dones[step] = done_t
+            dones[step] = torch.from_numpy(done)  # copy_ into the float32 buffer casts (and moves to device)
+            reward_t = torch.as_tensor(reward, dtype=torch.float64, device=device)  # [N]
+            if reward_scaler is not None:
+                reward_t = reward_scaler(reward_t, dones[step])
+            rewards[step] = reward_t  # float32 buffer
             next_obs = observe(next_obs_np)
             time_limit = truncated & ~terminated
             if time_limit.any():
                 mask = torch.as_tensor(time_limit, device=device)
                 truncated_at[step] = mask
                 # normalised with the same statistics as next_obs (not added to them): V sees its usual input
-                raw_final = torch.as_tensor(np.stack(info["final_obs"][time_limit]), dtype=torch.float32, device=device)
-                final_obs[step, mask] = (
-                    raw_final if obs_rms is None else obs_rms.normalize(raw_final)
-                )
+                raw_final = torch.as_tensor(np.stack(info["final_obs"][time_limit]), dtype=torch.float64, device=device)
+                final_obs[step, mask] = raw_final.float() if obs_rms is None else obs_rms.normalize(raw_final)
 
             episode_return += reward
             episode_length += 1
@@ -850,7 +875,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             "args": asdict(args),
             "beta": beta,
             "obs_rms": obs_rms.state_dict() if obs_rms is not None else None,
-            "return_rms": return_rms.state_dict() if return_rms is not None else None,
+            "return_rms": reward_scaler.return_rms.state_dict() if reward_scaler is not None else None,
         }, path)
         eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
         print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "

@@ -21,7 +21,7 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
     "Parameter space lies"         Gaussian policy, KL measured in distribution space     -> GaussianPolicy, gaussian_kl
     "A complete PPO implementation" GAE (the same function as the PPO scripts)            -> compute_gae
     "Debugging checklist"          approx KL k1 / k3, explained variance        -> approx_kl, explained_variance
-    "Common failure modes"         running observation / reward normalisation             -> RunningMeanStd
+    "Common failure modes"         running observation / reward normalisation             -> RunningMeanStd, RewardScaler
 The monotonic-improvement bound of "TRPO" is theory only: as the article says, its constant C is too pessimistic,
 and TRPO replaces the penalty with the hard constraint above.
 
@@ -54,6 +54,8 @@ import torch.nn as nn
 import tyro
 
 SCRIPT = "trpo"
+NORM_CLIP = 10.0  # normalised observations and scaled rewards are clipped to +-10 (cleanrl, Stable-Baselines3)
+NORM_EPS = 1e-8  # added to variances before the square root (gymnasium's normalisation wrappers)
 
 
 @dataclass
@@ -552,48 +554,77 @@ class Critic(nn.Module):
 
 
 class RunningMeanStd:
-    """Running mean and variance of a stream of batches, on the device, in float64 (Chan et al.'s parallel update).
+    """Running mean and variance of a stream of batches, on `device`, in float64.
 
-    update(batch [B, *shape]) folds a batch in, so that after any sequence of batches mean and var (correction 0)
-    are those of all the data seen; before the first batch mean 0, var 1, count 0. With n seen so far and n_b new:
-        mean' = mean + n_b / (n + n_b) * delta,   delta = mean_b - mean
-        var'  = (n var + n_b var_b + delta^2 n n_b / (n + n_b)) / (n + n_b)
-    normalize(x) = clip((x - mean) / sqrt(var + 1e-8), +-10) for observations; scale(x) = clip(x / sqrt(var + 1e-8),
-    +-10) for rewards, divided by the std of the discounted return and not centred (sb3's VecNormalize does both).
-    Both return float32. Float64 statistics: a million small updates would drift in float32.
+    update(batch) merges a batch [B, *shape] with Chan et al.'s parallel formula (the batch form of Welford's
+    update), so after any sequence of batches mean and var are those of all the data seen (var with
+    correction 0). Before the first batch: mean 0, var 1, count 0, so normalize() is the identity.
+    With n samples so far, n_b in the batch and w = n_b / (n + n_b) the batch's weight:
 
-    Example: update([[0.], [2.]]) then update([[4.]]) -> mean 2, var 8/3 (those of [0, 2, 4]), count 3.
+        delta = mean_b - mean
+        mean' = mean + w * delta
+        var'  = (1 - w) * var + w * var_b + w * (1 - w) * delta^2
+
+    Example: update([[1.], [3.]]) then update([[5.]]) -> mean 3, var 8/3 (those of [1, 3, 5]).
     """
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device, clip: float = 10.0, epsilon: float = 1e-8):
+    def __init__(self, shape: tuple[int, ...], device: torch.device):
         self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
         self.var = torch.ones(shape, dtype=torch.float64, device=device)
-        self.count = 0.0  # a python float: no tensor op to update it, exact up to 2^53 samples
-        self.clip, self.epsilon = clip, epsilon
+        self.count = 0.0  # a Python float: exact up to 2^53 samples, and no tensor op per update
 
     def update(self, batch: torch.Tensor) -> None:
-        batch_var, batch_mean = torch.var_mean(batch.to(torch.float64), dim=0, correction=0)
-        n, total = batch.shape[0], self.count + batch.shape[0]
+        """Merge batch [B, *shape] (float64 for full precision) into the statistics. In place: 6 tensor ops,
+        since it runs once per environment step."""
+        batch_var, batch_mean = torch.var_mean(batch, dim=0, correction=0)
+        self.count += batch.shape[0]
+        w = batch.shape[0] / self.count
         delta = batch_mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        # squared deviations of the union = each part's own + the shift between the two means
-        self.var = (self.var * (self.count / total) + batch_var * (n / total)
-                    + delta.square() * (self.count * n / total**2))
-        self.count = total
+        self.mean.add_(delta, alpha=w)
+        self.var.mul_(1.0 - w).add_(batch_var, alpha=w).addcmul_(delta, delta, value=w * (1.0 - w))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x - self.mean) / torch.sqrt(self.var + self.epsilon)).clamp(-self.clip, self.clip).float()
+        """(x - mean) / sqrt(var + 1e-8), clipped to +-10, as float32. Reads the statistics, never updates them."""
+        return ((x - self.mean) / (self.var + NORM_EPS).sqrt()).clamp_(-NORM_CLIP, NORM_CLIP).float()
 
-    def scale(self, x: torch.Tensor) -> torch.Tensor:
-        return (x / torch.sqrt(self.var + self.epsilon)).clamp(-self.clip, self.clip).float()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies, as tensors only, so a checkpoint holding it loads with torch.load(weights_only=True)."""
+        return {
+            "mean": self.mean.to("cpu", copy=True),
+            "var": self.var.to("cpu", copy=True),
+            "count": torch.tensor(self.count, dtype=torch.float64),
+        }
 
-    def state_dict(self) -> dict:
-        return {"mean": self.mean.cpu(), "var": self.var.cpu(), "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mean = state["mean"].to(self.mean.device, torch.float64)
-        self.var = state["var"].to(self.var.device, torch.float64)
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copies in (later in-place updates never write into `state`)."""
+        self.mean = state["mean"].to(self.mean.device, torch.float64, copy=True)
+        self.var = state["var"].to(self.var.device, torch.float64, copy=True)
         self.count = float(state["count"])
+
+
+class RewardScaler:
+    """Divides each reward by the running std of the discounted return, clips to +-10 (Engstrom et al. 2020's
+    "reward scaling"; the article's fix for "critic predictions explode").
+
+    Per env, returns accumulates G_t = r_t + gamma * G_{t-1} over the current episode and restarts at 0 when
+    the episode ends (terminated or truncated: the next reward belongs to a new episode). The rewards are only
+    divided, never shifted, so their sign (and what is good or bad) is kept.
+
+    Example, one env, gamma 0.5: rewards 2, 2 -> returns 2, 3 -> std of {2, 3} is 0.5 -> second reward 4.
+    """
+
+    def __init__(self, num_envs: int, gamma: float, device: torch.device):
+        self.gamma = gamma
+        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=device)  # [N]
+        self.return_rms = RunningMeanStd((), device)
+
+    def __call__(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """reward, done: [N] for one step of the N envs; returns the scaled reward [N]."""
+        self.returns.mul_(self.gamma).add_(reward)
+        self.return_rms.update(self.returns)
+        scaled = (reward / (self.return_rms.var + NORM_EPS).sqrt()).clamp_(-NORM_CLIP, NORM_CLIP)
+        self.returns.mul_(1.0 - done)
+        return scaled
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -875,7 +906,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     # Only the critic has an optimiser: the policy moves by the natural-gradient step alone.
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.vf_lr, eps=1e-5, fused=True)
     obs_rms = RunningMeanStd((obs_dim,), device) if args.norm_obs else None
-    return_rms = RunningMeanStd((), device) if args.norm_reward else None
+    reward_scaler = RewardScaler(args.num_envs, args.gamma, device) if args.norm_reward else None
 
     # Rollout buffer, preallocated on the device and overwritten every iteration.
     T, N = args.num_steps, args.num_envs
@@ -887,7 +918,6 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
     truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
     final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes, normalised
-    discounted_return = torch.zeros(N, dtype=torch.float64, device=device)  # what the reward scale is the std of
 
     # Episode statistics stay on the host, next to the numpy rewards the envs return (raw, unscaled).
     episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=np.int64)
@@ -896,9 +926,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
 
     def observe(raw: np.ndarray, update: bool) -> torch.Tensor:
         """Env observations -> the policy's input: float32 on the device, normalised with running statistics."""
-        x = torch.as_tensor(raw, dtype=torch.float32, device=device)
         if obs_rms is None:
-            return x
+            return torch.as_tensor(raw, dtype=torch.float32, device=device)
+        x = torch.as_tensor(raw, dtype=torch.float64, device=device)  # float64: the statistics are float64
         if update:
             obs_rms.update(x)
         return obs_rms.normalize(x)
@@ -921,17 +951,13 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             next_obs_np, reward, terminated, truncated, info = envs.step(policy.env_action(action))
             global_step += N
             done = terminated | truncated
+            dones[step] = torch.from_numpy(done)  # copy_ into the float32 buffer casts (and moves to device)
             reward_t = torch.as_tensor(reward, dtype=torch.float64, device=device)
-            done_t = torch.as_tensor(done, dtype=torch.float32, device=device)
-            if return_rms is not None:
-                # Scale by the std of the running discounted return (sb3's VecNormalize): rewards of any size
+            if reward_scaler is not None:
+                # Divided by the std of the running discounted return (sb3's VecNormalize): rewards of any size
                 # give value targets of order 1. The return restarts at every episode end.
-                discounted_return = discounted_return * args.gamma + reward_t
-                return_rms.update(discounted_return)
-                reward_t = return_rms.scale(reward_t)
-                discounted_return = discounted_return * (1.0 - done_t.double())
-            rewards[step] = reward_t.float()
-            dones[step] = done_t
+                reward_t = reward_scaler(reward_t, dones[step])
+            rewards[step] = reward_t  # float32 buffer
             time_limit = truncated & ~terminated
             if time_limit.any():
                 truncated_at[step] = torch.as_tensor(time_limit, dtype=torch.float32, device=device)
@@ -1028,7 +1054,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             "policy": policy.state_dict(),
             "critic": critic.state_dict(),
             "obs_rms": obs_rms.state_dict() if obs_rms is not None else None,
-            "return_rms": return_rms.state_dict() if return_rms is not None else None,
+            "return_rms": reward_scaler.return_rms.state_dict() if reward_scaler is not None else None,
             "args": asdict(args),
         }, path)
         eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)

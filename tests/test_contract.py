@@ -291,3 +291,117 @@ def test_gaussian_kl_matches_torch(gaussian_kl):
         torch.distributions.Normal(m_old, s_old.exp()), torch.distributions.Normal(m_new, s_new.exp())
     ).sum(-1)
     torch.testing.assert_close(gaussian_kl(m_old, s_old, m_new, s_new), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running normalisation: RunningMeanStd (observations), RewardScaler (rewards)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("RunningMeanStd", scripts_defining("RunningMeanStd"))
+def test_running_mean_std_of_streamed_batches_is_that_of_all_data(RunningMeanStd):
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([1.0, 20.0, 0.01], dtype=torch.float64)
+    shift = torch.tensor([4.0, -50.0, 0.0], dtype=torch.float64)
+    data = torch.randn(600, 3, generator=g, dtype=torch.float64) * scale + shift
+    rms = RunningMeanStd((3,), torch.device("cpu"))
+    start = 0
+    for size in [1, 2, 1, 96, 3, 1, 496]:  # uneven batches, batches of one included
+        rms.update(data[start : start + size])
+        start += size
+    assert start == len(data)
+    assert rms.count == 600  # exact: the count starts at 0, not at a small epsilon
+    torch.testing.assert_close(rms.mean, data.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rms.var, data.var(0, correction=0), rtol=1e-12, atol=1e-12)
+    # the docstring's example
+    rms = RunningMeanStd((1,), torch.device("cpu"))
+    rms.update(torch.tensor([[1.0], [3.0]], dtype=torch.float64))
+    rms.update(torch.tensor([[5.0]], dtype=torch.float64))
+    assert (rms.mean.item(), rms.var.item(), rms.count) == pytest.approx((3.0, 8 / 3, 3), rel=1e-12)
+
+
+@pytest.mark.parametrize("RunningMeanStd", scripts_defining("RunningMeanStd"))
+def test_running_mean_std_state_dict_round_trip(RunningMeanStd, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    rms = RunningMeanStd((3,), torch.device("cpu"))
+    for _ in range(4):
+        rms.update(torch.randn(8, 3, generator=g, dtype=torch.float64) * 3 - 1)
+    torch.save({"obs_rms": rms.state_dict()}, tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)["obs_rms"]
+    assert set(state) == {"mean", "var", "count"}
+    assert all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in state.values())
+    restored = RunningMeanStd((3,), torch.device("cpu"))
+    restored.load_state_dict(state)
+    assert restored.count == rms.count == 32
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64) * 4
+    torch.testing.assert_close(restored.normalize(x), rms.normalize(x), rtol=0, atol=0)
+    # state_dict and load_state_dict copy: updating either normaliser afterwards changes no saved state
+    snapshot = rms.state_dict()
+    saved = {key: value.clone() for key, value in state.items()}
+    batch = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    rms.update(batch)
+    restored.update(batch)
+    torch.testing.assert_close(restored.mean, rms.mean, rtol=0, atol=0)  # both go on identically
+    torch.testing.assert_close(restored.var, rms.var, rtol=0, atol=0)
+    for key in saved:
+        torch.testing.assert_close(state[key], saved[key], rtol=0, atol=0)
+        torch.testing.assert_close(snapshot[key], saved[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("RunningMeanStd", scripts_defining("RunningMeanStd"))
+def test_running_mean_std_normalize_clips_and_returns_float32(RunningMeanStd):
+    rms = RunningMeanStd((2,), torch.device("cpu"))
+    x = torch.tensor([[3.0, -2.0]], dtype=torch.float64)
+    out = rms.normalize(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, x.float())  # before any data (mean 0, var 1): the identity
+    rms.update(torch.tensor([[1.0, 0.0], [3.0, 0.0]], dtype=torch.float64))  # mean [2, 0], var [1, 0]
+    out = rms.normalize(torch.tensor([[2.5, 0.0], [1e6, 1.0], [-1e6, -1.0]], dtype=torch.float64))
+    assert out.dtype == torch.float32
+    # column 1 has var 0: divided by sqrt(1e-8), so any nonzero deviation is clipped
+    torch.testing.assert_close(out, torch.tensor([[0.5, 0.0], [10.0, 10.0], [-10.0, -10.0]]))
+    assert rms.normalize(torch.tensor([[2.5, 0.0]])).dtype == torch.float32  # float32 input too
+    assert rms.count == 2  # normalize read the statistics, it did not update them
+
+
+@pytest.mark.parametrize("RewardScaler", scripts_defining("RewardScaler"))
+def test_reward_scaler_divides_by_std_of_the_discounted_returns_seen(RewardScaler):
+    gamma, T, N = 0.9, 30, 3
+    g = torch.Generator().manual_seed(2)
+    rewards = torch.randn(T, N, generator=g, dtype=torch.float64) * 2 + 0.5
+    dones = (torch.rand(T, N, generator=g) < 0.2).float()
+    dones[4, 1] = 1.0  # at least one episode end
+    scaler = RewardScaler(N, gamma, torch.device("cpu"))
+    # reference: plain Python, each env's return G = r + gamma G (0 after a done), and every return seen so far
+    running, seen = [0.0] * N, []
+    for t in range(T):
+        scaled = scaler(rewards[t], dones[t])
+        for n in range(N):
+            running[n] = running[n] * gamma + rewards[t, n].item()
+        seen.extend(running)
+        divisor = math.sqrt(np.var(seen) + 1e-8)  # population std of the returns of all envs and steps so far
+        assert math.sqrt(scaler.return_rms.var.item() + 1e-8) == pytest.approx(divisor, rel=1e-9)
+        np.testing.assert_allclose(scaled.numpy(), np.clip(rewards[t].numpy() / divisor, -10, 10), rtol=1e-9)
+        for n in range(N):
+            if dones[t, n]:
+                running[n] = 0.0
+        np.testing.assert_allclose(scaler.returns.numpy(), running, rtol=1e-12, atol=0)
+    assert scaler.return_rms.count == T * N
+
+
+@pytest.mark.parametrize("RewardScaler", scripts_defining("RewardScaler"))
+def test_reward_scaler_restarts_the_return_at_episode_end(RewardScaler):
+    scaler = RewardScaler(2, 0.5, torch.device("cpu"))
+    two = torch.tensor([2.0, 2.0], dtype=torch.float64)
+    scaler(two, torch.tensor([0.0, 1.0]))  # env 1's episode ends with this step
+    assert scaler.returns.tolist() == [2.0, 0.0]
+    scaler(two, torch.zeros(2))
+    assert scaler.returns.tolist() == [3.0, 2.0]  # env 0 carries on (2 * 0.5 + 2), env 1 starts again
+    # the docstring's example: one env, rewards 2, 2 -> returns 2, 3 -> std 0.5 -> second reward 4
+    scaler = RewardScaler(1, 0.5, torch.device("cpu"))
+    scaler(torch.tensor([2.0], dtype=torch.float64), torch.zeros(1))
+    assert scaler(torch.tensor([2.0], dtype=torch.float64), torch.zeros(1)).item() == pytest.approx(4.0, rel=1e-6)
+    # the first return of a fresh scaler has std 0: divided by sqrt(1e-8), clipped to +-10 with the sign kept
+    for reward, clipped in ((3.0, 10.0), (-3.0, -10.0)):
+        fresh = RewardScaler(1, 0.5, torch.device("cpu"))
+        assert fresh(torch.tensor([reward], dtype=torch.float64), torch.zeros(1)).item() == clipped

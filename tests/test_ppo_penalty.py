@@ -22,6 +22,7 @@ from ppo_penalty import (
     BETA_MAX,
     BETA_MIN,
     Agent,
+    RewardScaler,
     RunningMeanStd,
     categorical_kl,
     categorical_logprob_entropy,
@@ -227,38 +228,51 @@ def test_kl_penalty_loss_values_and_no_ratio_clipping():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# RunningMeanStd
+# RunningMeanStd, RewardScaler
 # ---------------------------------------------------------------------------------------------------------
 
 
 def test_running_mean_std_matches_whole_data_and_round_trips():
     g = torch.Generator().manual_seed(5)
-    data = 3.0 + 2.0 * torch.randn(1000, 3, generator=g)
+    # float64, as main() passes the observations (the statistics are kept in float64)
+    data = 3.0 + 2.0 * torch.randn(1000, 3, generator=g, dtype=torch.float64)
     rms = RunningMeanStd((3,), torch.device("cpu"))
     for chunk in data.split(37):  # uneven chunks, as env steps and reset batches come
         rms.update(chunk)
-    whole = data.double()
-    # the initial count of 1e-4 (mean 0, var 1) shifts the result by ~1e-7 relative
-    torch.testing.assert_close(rms.mean, whole.mean(0), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(rms.var, whole.var(0, correction=0), rtol=1e-6, atol=1e-6)
-    assert rms.count.item() == pytest.approx(1000)
+    # the count starts at 0: the statistics are exactly those of the data
+    torch.testing.assert_close(rms.mean, data.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rms.var, data.var(0, correction=0), rtol=1e-12, atol=1e-12)
+    assert rms.count == 1000
     normalised = rms.normalize(data)
     assert normalised.dtype == torch.float32
     torch.testing.assert_close(normalised.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(normalised.std(0, correction=0), torch.ones(3), atol=1e-4, rtol=0)
-    expected_scaled = (whole / whole.std(0, correction=0)).float()
-    torch.testing.assert_close(rms.scale(data), expected_scaled, rtol=1e-5, atol=1e-5)
     copy = RunningMeanStd((3,), torch.device("cpu"))
     copy.load_state_dict(rms.state_dict())
-    torch.testing.assert_close(copy.normalize(data), normalised)
-    # clipped to +-10 (cleanrl's and Stable-Baselines3's value), sign kept by scale()
+    torch.testing.assert_close(copy.normalize(data), normalised, rtol=0, atol=0)
+    # clipped to +-10 (cleanrl's and Stable-Baselines3's value)
     far = torch.tensor([[1e3, -1e3, 3.0]])
     assert copy.normalize(far)[0, :2].tolist() == [10.0, -10.0]
-    assert copy.scale(-far)[0, :2].tolist() == [-10.0, 10.0]
     docstring = RunningMeanStd((1,), torch.device("cpu"))
-    docstring.update(torch.tensor([[1.0], [3.0]]))
-    docstring.update(torch.tensor([[5.0]]))
-    assert (docstring.mean.item(), docstring.var.item()) == pytest.approx((3.0, 8 / 3), rel=1e-4)
+    docstring.update(torch.tensor([[1.0], [3.0]], dtype=torch.float64))
+    docstring.update(torch.tensor([[5.0]], dtype=torch.float64))
+    assert (docstring.mean.item(), docstring.var.item(), docstring.count) == pytest.approx((3.0, 8 / 3, 3), rel=1e-12)
+
+
+def test_reward_scaler_docstring_example_sign_and_clip():
+    cpu = torch.device("cpu")
+    scaler = RewardScaler(1, 0.5, cpu)  # rewards 2, 2 -> returns 2, 3 -> std 0.5 -> second reward 4
+    scaler(torch.tensor([2.0], dtype=torch.float64), torch.zeros(1))
+    assert scaler(torch.tensor([2.0], dtype=torch.float64), torch.zeros(1)).item() == pytest.approx(4.0, rel=1e-6)
+    # divided by the std of the return (of the rewards of both envs here: 1.5, -1.5), never shifted: sign kept
+    scaler = RewardScaler(2, 0.99, cpu)
+    torch.testing.assert_close(scaler(torch.tensor([1.5, -1.5], dtype=torch.float64), torch.tensor([1.0, 0.0])),
+                               torch.tensor([1.0, -1.0], dtype=torch.float64))
+    assert scaler.returns.tolist() == [0.0, -1.5]  # env 0's episode ended: its return restarts at 0
+    # clipped to +-10, sign kept: the first return of a fresh scaler has std 0, the divisor is sqrt(1e-8)
+    for reward, clipped in ((3.0, 10.0), (-3.0, -10.0)):
+        fresh = RewardScaler(1, 0.99, cpu)
+        assert fresh(torch.tensor([reward], dtype=torch.float64), torch.zeros(1)).item() == clipped
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,8 +341,9 @@ def test_smoke_pendulum_train_save_and_evaluate_with_frozen_stats(tmp_path, monk
     assert checkpoint["model"]["actor_logstd"].shape == (1,)
     obs_rms, return_rms = checkpoint["obs_rms"], checkpoint["return_rms"]
     assert obs_rms["mean"].shape == (3,) and return_rms["var"].shape == ()
-    # updated with the reset batch and every step's observations: 2 + 512, plus the initial 1e-4
-    assert obs_rms["count"].item() == pytest.approx(514, abs=1e-3)
+    # updated with the reset batch and every step's observations: 2 + 512, exactly (the count starts at 0)
+    assert obs_rms["count"].item() == 514
+    assert return_rms["count"].item() == 512  # one discounted return per env step
 
     def no_update(self, batch):
         raise AssertionError("evaluation must not update the normalisation statistics")
@@ -425,25 +440,24 @@ def test_time_limit_is_bootstrapped_and_termination_is_not(tmp_path, monkeypatch
 
 def test_box_env_scales_rewards_and_bootstraps_on_the_normalised_scale(tmp_path, monkeypatch):
     """Box actions: GAE sees reward / std(discounted return) (per-env accumulator, reset at episode ends), and
-    at a time limit + gamma * V(normalised s_final). Replayed here with the script's own RunningMeanStd: the
-    observations are 0.1, 0.2, 0.3, then the reset 0 (s_final = 0.4 normalised with the stats of that step)."""
+    at a time limit + gamma * V(normalised s_final). Replayed here with the script's own RunningMeanStd and
+    RewardScaler: the observations are 0.1, 0.2, 0.3, then the reset 0 (s_final = 0.4 normalised with the
+    stats of that step)."""
     monkeypatch.chdir(tmp_path)
     seen = spy_first_gae(monkeypatch)
     ppo_penalty.main(["--env-id", "PenaltyCountingBoxTruncated-v0", *COUNTING_RUN])
     rewards, dones, agent = seen[0]
     gamma, cpu = 0.99, torch.device("cpu")
-    obs_rms, return_rms = RunningMeanStd((1,), cpu), RunningMeanStd((), cpu)
-    obs_rms.update(torch.zeros(2, 1))  # the reset observations
-    discounted, expected = 0.0, torch.zeros(16, 2)
+    obs_rms, scaler = RunningMeanStd((1,), cpu), RewardScaler(2, gamma, cpu)
+    obs_rms.update(torch.zeros(2, 1, dtype=torch.float64))  # the reset observations
+    expected = torch.zeros(16, 2)
     for t in range(16):
-        discounted = discounted * gamma + 1.0
-        return_rms.update(torch.full((2,), discounted))
-        expected[t] = return_rms.scale(torch.ones(2))  # the first ones hit the clip at 10
+        end = torch.full((2,), float(t % 4 == 3))
+        expected[t] = scaler(torch.ones(2, dtype=torch.float64), end)  # the first ones hit the clip at 10
         next_obs = 0.0 if t % 4 == 3 else (t % 4 + 1) / 10
-        obs_rms.update(torch.full((2, 1), next_obs))
+        obs_rms.update(torch.full((2, 1), next_obs, dtype=torch.float64))
         if t % 4 == 3:
-            discounted = 0.0
-            final = obs_rms.normalize(torch.tensor([[0.4]]))
+            final = obs_rms.normalize(torch.tensor([[0.4]], dtype=torch.float64))
             with torch.no_grad():
                 expected[t] += gamma * agent.value(final).item()
     ends = torch.zeros(16, 2)

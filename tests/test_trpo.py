@@ -393,7 +393,7 @@ def test_line_search_on_a_known_quadratic():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# RunningMeanStd
+# RunningMeanStd, RewardScaler
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -402,21 +402,44 @@ def test_running_mean_std_matches_batch_statistics():
     rms.update(torch.tensor([[0.0], [2.0]]))
     rms.update(torch.tensor([[4.0]]))
     assert rms.mean.item() == pytest.approx(2.0) and rms.var.item() == pytest.approx(8 / 3) and rms.count == 3
-    data = torch.randn(1000, 3, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 5.0, 0.1]) + 3.0
+    # float64, as main() passes the observations (the statistics are kept in float64)
+    data = torch.randn(1000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) \
+        * torch.tensor([1.0, 5.0, 0.1], dtype=torch.float64) + 3.0
     rms = trpo.RunningMeanStd((3,), torch.device("cpu"))
     for chunk in data.split(7):  # uneven chunks, as N envs per step
         rms.update(chunk)
-    torch.testing.assert_close(rms.mean, data.double().mean(0))
-    torch.testing.assert_close(rms.var, data.double().var(0, correction=0))
+    assert rms.count == 1000
+    torch.testing.assert_close(rms.mean, data.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rms.var, data.var(0, correction=0), rtol=1e-12, atol=1e-12)
     normalized = rms.normalize(data)
     assert normalized.dtype == torch.float32
     torch.testing.assert_close(normalized.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
     torch.testing.assert_close(normalized.std(0, correction=0), torch.ones(3), atol=1e-4, rtol=0)
     assert rms.normalize(torch.full((1, 3), 1e6)).max().item() == 10.0  # clipped
-    torch.testing.assert_close(rms.scale(data[:5]), (data[:5] / rms.var.sqrt()).clamp(-10, 10).float())  # not centred
     copy = trpo.RunningMeanStd((3,), torch.device("cpu"))
     copy.load_state_dict(rms.state_dict())
-    torch.testing.assert_close(copy.normalize(data), normalized)
+    torch.testing.assert_close(copy.normalize(data), normalized, rtol=0, atol=0)
+
+
+def test_reward_scaler_divides_without_centring_and_restarts_the_return_at_episode_end():
+    gamma = 0.9
+    g = torch.Generator().manual_seed(1)
+    scaler = trpo.RewardScaler(2, gamma, torch.device("cpu"))
+    returns = torch.zeros(2, dtype=torch.float64)
+    for t in range(20):
+        reward = torch.randn(2, generator=g, dtype=torch.float64) * 3 + 1
+        done = torch.tensor([float(t % 5 == 4), float(t % 7 == 6)])
+        scaled = scaler(reward, done)
+        # divided by the std of the discounted return, never shifted: the sign (good or bad) is kept
+        torch.testing.assert_close(scaled, (reward / (scaler.return_rms.var + 1e-8).sqrt()).clamp(-10, 10))
+        assert torch.equal(scaled.sign(), reward.sign())
+        returns = (returns * gamma + reward) * (1.0 - done)  # restarted at 0 where the episode ended
+        torch.testing.assert_close(scaler.returns, returns)
+    assert scaler.return_rms.count == 40  # one return per env and step
+    # the first return of a fresh scaler has std 0: the reward is divided by sqrt(1e-8) and clipped to +-10
+    for reward, clipped in ((3.0, 10.0), (-3.0, -10.0)):
+        fresh = trpo.RewardScaler(1, gamma, torch.device("cpu"))
+        assert fresh(torch.tensor([reward], dtype=torch.float64), torch.zeros(1)).item() == clipped
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -453,7 +476,8 @@ def test_smoke_train_save_and_evaluate(tmp_path, monkeypatch, capsys, env_id):
     checkpoint_path = run_dir / "trpo.pt"
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     assert checkpoint["script"] == "trpo" and checkpoint["args"]["env_id"] == env_id
-    assert checkpoint["obs_rms"]["count"] > 256  # every observation the policy saw, on by default
+    assert checkpoint["obs_rms"]["count"].item() == 256 + 2  # every observation the policy saw, on by default
+    assert checkpoint["return_rms"]["count"].item() == 256  # one discounted return per env step
     assert "eval_return_mean" in summary
 
     result = trpo.main(["--eval-checkpoint", str(checkpoint_path), "--eval-episodes", "2"])
@@ -504,8 +528,8 @@ gym.register("TrpoCountingBox-v0", entry_point=lambda: CountingEnv(continuous=Tr
 
 
 class FrozenRunningMeanStd(trpo.RunningMeanStd):
-    """Fixed statistics: observations (x - 0.2) / 0.2, rewards / 2. So the final observation [0.4] becomes [1.0]
-    and a reward of 1 becomes 0.5."""
+    """Fixed statistics: observations (x - 0.2) / 0.2, rewards / 2 (RewardScaler's return_rms is one of these
+    too). With NORM_EPS patched to 0 the final observation [0.4] becomes exactly [1.0] and a reward of 1 0.5."""
 
     def __init__(self, shape, device):
         super().__init__(shape, device)
@@ -514,7 +538,6 @@ class FrozenRunningMeanStd(trpo.RunningMeanStd):
         else:
             self.mean.fill_(0.2)
             self.var.fill_(0.04)
-        self.epsilon = 0.0
 
     def update(self, batch):
         pass
@@ -543,6 +566,7 @@ def test_time_limit_is_bootstrapped_on_the_normalised_scale(tmp_path, monkeypatc
     monkeypatch.setattr(trpo, "Critic", SpyCritic)
     monkeypatch.setattr(trpo, "compute_gae", spy_gae)
     monkeypatch.setattr(trpo, "RunningMeanStd", FrozenRunningMeanStd)
+    monkeypatch.setattr(trpo, "NORM_EPS", 0.0)
     flags = [] if normalised else ["--no-norm-obs", "--no-norm-reward"]
     trpo.main(["--env-id", env_id, "--total-timesteps", "32", "--num-envs", "2", "--num-steps", "16",
                "--num-minibatches", "2", "--vf-iters", "1", *flags])
