@@ -22,8 +22,10 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
     "A complete PPO implementation" GAE (the same function as the PPO scripts)            -> compute_gae
     "Debugging checklist"          approx KL k1 / k3, explained variance        -> approx_kl, explained_variance
     "Common failure modes"         running observation / reward normalisation             -> RunningMeanStd, RewardScaler
-The monotonic-improvement bound of "TRPO" is theory only: as the article says, its constant C is too pessimistic,
-and TRPO replaces the penalty with the hard constraint above.
+The monotonic-improvement bound (Kakade & Langford 2002; Schulman et al. 2015) is why the constraint is on the KL:
+    J(pi_new) >= L_{pi_old}(pi_new) - C * D_KL^max(pi_old || pi_new),   C = 4 eps gamma / (1 - gamma)^2
+with eps the largest advantage magnitude. It is theory only here: as the article says, C is too pessimistic, so
+TRPO swaps the penalty for the hard constraint above and the max KL for the mean KL (cheap to estimate).
 
 Differences from Spinning Up's trpo and sb3-contrib's TRPO, each on purpose (the README says why):
     - vectorised envs with gymnasium 1.x SAME_STEP autoreset: a time-limit truncation is bootstrapped with
