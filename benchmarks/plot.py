@@ -4,7 +4,8 @@
     python benchmarks/plot.py results/ppo_continuous/Hopper-v4 results/trpo/Hopper-v4 --out hopper.png
 
 Each argument is a folder written by benchmarks/run.py (seed*.jsonl files); each becomes one curve labelled
-<script> on <env>. The y value is the mean return of the last 100 episodes at each iteration.
+<script> on <env>. The y value is the mean return of the last 100 episodes at each iteration: mean +- std over seeds against
+steps, one line per seed against wall-clock (seeds share the cores unevenly, so their clocks differ).
 Needs matplotlib (optional dependency: pip install matplotlib).
 """
 
@@ -56,12 +57,14 @@ def main() -> None:
     for folder in args.folders:
         seeds = load_seeds(folder, args.key)
         label = f"{folder.parent.name} ({len(seeds)} seeds)"
-        for ax, column in ((ax_steps, 0), (ax_time, 1)):
-            grid, mean, std = mean_std_on_grid([s[column] for s in seeds], [s[2] for s in seeds])
-            ax.plot(grid, mean, label=label)
-            ax.fill_between(grid, mean - std, mean + std, alpha=0.2)
+        grid, mean, std = mean_std_on_grid([s[0] for s in seeds], [s[2] for s in seeds])
+        (line,) = ax_steps.plot(grid, mean, label=label)
+        ax_steps.fill_between(grid, mean - std, mean + std, alpha=0.2, color=line.get_color())
+        # Wall-clock differs between seeds (they share the cores unevenly), so each seed gets its own line.
+        for i, (_, seconds, value) in enumerate(seeds):
+            ax_time.plot(seconds, value, color=line.get_color(), alpha=0.7, lw=1, label=label if i == 0 else None)
     ax_steps.set_xlabel("environment steps")
-    ax_time.set_xlabel("wall-clock seconds (training loop)")
+    ax_time.set_xlabel("wall-clock seconds (training loop), one line per seed")
     for ax in (ax_steps, ax_time):
         ax.set_ylabel("return (mean of last 100 episodes)" if args.key == "episodic_return_100" else args.key)
         ax.grid(alpha=0.3)
