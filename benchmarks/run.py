@@ -46,6 +46,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="seeds run at once")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<script>/<env>")
+    parser.add_argument(
+        "--collect", action="store_true",
+        help="run nothing: summarise the seeds already in <out>/work/seed<k>/ (runs started by hand, or resumed)",
+    )
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
@@ -55,11 +59,15 @@ def main() -> None:
         raise SystemExit(f"error: no script {script}")
     out = args.out or ROOT / "benchmarks" / "results" / script.stem / args.env_id
     work = out / "work"
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.collect:
+        shutil.rmtree(work, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
     commands, procs, started = {}, {}, {}
-    pending = list(args.seeds)
+    pending = [] if args.collect else list(args.seeds)
+    for seed in args.seeds:
+        cmd = [sys.executable, str(script), "--env-id", args.env_id, "--seed", str(seed), *extra]
+        commands[seed] = " ".join(["python", args.script] + cmd[2:])
     start = time.time()
     while pending or procs:
         while pending and len(procs) < args.jobs:
@@ -67,7 +75,6 @@ def main() -> None:
             cwd = work / f"seed{seed}"
             cwd.mkdir(parents=True)
             cmd = [sys.executable, str(script), "--env-id", args.env_id, "--seed", str(seed), *extra]
-            commands[seed] = " ".join(["python", args.script] + cmd[2:])
             log = open(cwd / "stdout.log", "w")
             procs[seed] = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
             started[seed] = time.time()
@@ -102,7 +109,7 @@ def main() -> None:
         "parallel_jobs": args.jobs,
         "machine": machine(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "wall_seconds_all_seeds": round(time.time() - start, 1),
+        "wall_seconds_all_seeds": None if args.collect else round(time.time() - start, 1),
         "per_seed": per_seed,
         "final_return_mean": float(finals.mean()),
         "final_return_std": float(finals.std()),
