@@ -459,14 +459,20 @@ def test_wandb_failure_never_stops_training(tmp_path, monkeypatch, capsys):
     assert len(read_metrics(run_dirs(tmp_path)[0])) == 2
 
 
-@pytest.mark.parametrize("env_id,missing", [("HalfCheetah-v4", "moviepy"), ("Pendulum-v1", "pygame")])
-def test_capture_video_without_its_packages_fails_before_training(tmp_path, monkeypatch, env_id, missing):
-    """MuJoCo renders by itself and needs only moviepy; classic control also needs pygame."""
+@pytest.mark.parametrize(
+    "env_id,message",
+    [("HalfCheetah-v4", "needs moviepy: pip install moviepy"),
+     ("Pendulum-v1", "needs moviepy and pygame: pip install moviepy pygame")],
+)
+def test_capture_video_without_its_packages_fails_before_training(tmp_path, monkeypatch, env_id, message):
+    """MuJoCo renders by itself and needs only moviepy; classic control also needs pygame. Both are made to
+    look missing, so the test does not depend on what this machine has installed."""
     monkeypatch.chdir(tmp_path)
     real_find_spec = ppo_continuous.importlib.util.find_spec
     monkeypatch.setattr(
-        ppo_continuous.importlib.util, "find_spec", lambda name: None if name == missing else real_find_spec(name)
+        ppo_continuous.importlib.util, "find_spec",
+        lambda name: None if name in ("moviepy", "pygame") else real_find_spec(name),
     )
-    with pytest.raises(SystemExit, match=f"--capture-video needs {missing}: pip install {missing}"):
+    with pytest.raises(SystemExit, match=f"--capture-video {message}"):
         ppo_continuous.main(["--env-id", env_id, "--capture-video"])
     assert not (tmp_path / "runs").exists() and not (tmp_path / "videos").exists()

@@ -202,9 +202,11 @@ def test_wandb_offline_run(tmp_path):
 def test_capture_video_without_moviepy_fails_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     real_find_spec = ppo_discrete.importlib.util.find_spec
+    # both made to look missing, so the test does not depend on what this machine has installed
     monkeypatch.setattr(
-        ppo_discrete.importlib.util, "find_spec", lambda name: None if name == "moviepy" else real_find_spec(name)
+        ppo_discrete.importlib.util, "find_spec",
+        lambda name: None if name in ("moviepy", "pygame") else real_find_spec(name),
     )
-    with pytest.raises(SystemExit, match="--capture-video needs moviepy: pip install moviepy"):
+    with pytest.raises(SystemExit, match="--capture-video needs moviepy and pygame: pip install moviepy pygame"):
         ppo_discrete.main(TWO_ITERATIONS + ["--capture-video"])
     assert not (tmp_path / "runs").exists() and not (tmp_path / "videos").exists()
