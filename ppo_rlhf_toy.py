@@ -494,10 +494,14 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
     return torch.where(var_true == 0, torch.full_like(ev, float("nan")), ev)
 
 
-def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor, gumbel: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One action per row of logits [B, A], drawn from softmax(logits), by the Gumbel-max trick:
-    argmax(logits + Gumbel noise), with Gumbel noise = -log(Exp(1)). Cheaper than torch.multinomial."""
-    return (logits - torch.empty_like(logits).exponential_().log()).argmax(dim=-1)
+    argmax(logits + g) with Gumbel noise g = -log(E), E ~ Exp(1). Cheaper than torch.multinomial.
+    gumbel: that noise, shaped like logits, when the caller drew it in advance (the rollout draws every step's
+    at once); drawn here when None."""
+    if gumbel is None:
+        gumbel = -torch.empty_like(logits).exponential_().log()
+    return (logits + gumbel).argmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------

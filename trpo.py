@@ -257,10 +257,14 @@ def categorical_logprob_entropy(logits: torch.Tensor, actions: torch.Tensor) -> 
     return logprob, entropy
 
 
-def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor, gumbel: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One action per row of logits [B, A], drawn from softmax(logits), by the Gumbel-max trick:
-    argmax(logits + Gumbel noise), with Gumbel noise = -log(Exp(1)). Cheaper than torch.multinomial."""
-    return (logits - torch.empty_like(logits).exponential_().log()).argmax(dim=-1)
+    argmax(logits + g) with Gumbel noise g = -log(E), E ~ Exp(1). Cheaper than torch.multinomial.
+    gumbel: that noise, shaped like logits, when the caller drew it in advance (the rollout draws every step's
+    at once); drawn here when None."""
+    if gumbel is None:
+        gumbel = -torch.empty_like(logits).exponential_().log()
+    return (logits + gumbel).argmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -249,6 +249,18 @@ def test_sample_categorical_frequencies(sample_categorical):
     assert torch.all((counts - expected).abs() < 5 * (expected * (1 - probs)).sqrt()), (counts, expected)
 
 
+@pytest.mark.parametrize("sample_categorical", scripts_defining("sample_categorical"))
+def test_sample_categorical_with_noise_drawn_in_advance(sample_categorical):
+    # Passing the Gumbel noise is the same draw as letting the function draw it from the same generator state.
+    logits = torch.randn(64, 5)
+    torch.manual_seed(3)
+    drawn_inside = sample_categorical(logits)
+    torch.manual_seed(3)
+    gumbel = -torch.empty_like(logits).exponential_().log()
+    assert torch.equal(sample_categorical(logits, gumbel), drawn_inside)
+    assert torch.equal(sample_categorical(logits, gumbel), (logits + gumbel).argmax(-1))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Gaussian policy helpers and exact KLs (continuous-action scripts)
 # ---------------------------------------------------------------------------------------------------------
