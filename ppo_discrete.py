@@ -546,20 +546,24 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         stats = []  # one [5] tensor per minibatch: policy loss, value loss, entropy, clipfrac, loss
         stop = False
         for epoch in range(args.update_epochs):
+            # Shuffle once per epoch (one gather per tensor); the minibatches are then contiguous slices (views).
             permutation = torch.randperm(batch_size, device=device)
+            e_obs, e_actions, e_logprobs, e_advantages, e_returns, e_values = (
+                x[permutation] for x in (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
+            )
             for start in range(0, batch_size, minibatch_size):
-                mb = permutation[start : start + minibatch_size]
-                logits, new_values = agent(b_obs[mb])
-                new_logprob, entropy = categorical_logprob_entropy(logits, b_actions[mb])
+                mb = slice(start, start + minibatch_size)
+                logits, new_values = agent(e_obs[mb])
+                new_logprob, entropy = categorical_logprob_entropy(logits, e_actions[mb])
                 if args.target_kl is not None:
                     # KL of the policy as it is now, on this minibatch: past the target, stop before stepping.
-                    _, kl_now = approx_kl(new_logprob.detach(), b_logprobs[mb])
+                    _, kl_now = approx_kl(new_logprob.detach(), e_logprobs[mb])
                     if kl_now.item() > args.target_kl:
                         stop = True
                         break
-                mb_advantages = normalize_advantages(b_advantages[mb]) if args.norm_adv else b_advantages[mb]
-                pg_loss, clipfrac = ppo_clip_loss(new_logprob, b_logprobs[mb], mb_advantages, args.clip_coef)
-                v_loss = value_loss(new_values, b_values[mb], b_returns[mb], args.clip_coef if args.clip_vloss else None)
+                mb_advantages = normalize_advantages(e_advantages[mb]) if args.norm_adv else e_advantages[mb]
+                pg_loss, clipfrac = ppo_clip_loss(new_logprob, e_logprobs[mb], mb_advantages, args.clip_coef)
+                v_loss = value_loss(new_values, e_values[mb], e_returns[mb], args.clip_coef if args.clip_vloss else None)
                 entropy_mean = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_mean + args.vf_coef * v_loss
 

@@ -407,25 +407,48 @@ class RewardScaler:
     """Divides each reward by the running std of the discounted return, clips to +-10 (Engstrom et al. 2020's
     "reward scaling"; the article's fix for "critic predictions explode").
 
-    Per env, returns accumulates G_t = r_t + gamma * G_{t-1} over the current episode and restarts at 0 when
-    the episode ends (terminated or truncated: the next reward belongs to a new episode). The rewards are only
-    divided, never shifted, so their sign (and what is good or bad) is kept.
+    Per env, G_t = r_t + gamma * G_{t-1} accumulates over the current episode and restarts at 0 after the
+    episode ends (terminated or truncated: the next reward belongs to a new episode). Reward t is divided by the
+    std of every G seen up to and including step t (all envs, all earlier calls). The rewards are only divided,
+    never shifted, so their sign (and what is good or bad) is kept.
 
-    Example, one env, gamma 0.5: rewards 2, 2 -> returns 2, 3 -> std of {2, 3} is 0.5 -> second reward 4.
+    One call scales a whole rollout [T, N] and gives what T calls of one step each would give: the scaled
+    rewards are first needed by GAE, after the rollout, and scaling step by step inside the rollout costs ~14
+    small tensor ops per env step (benchmarks/SPEED_continuous.md).
+
+    Example, one env, gamma 0.5: rewards [[2], [2]] -> returns 2, 3 -> stds 0 (one return) and 0.5 ->
+    scaled [[10], [4]] (2 / sqrt(0 + 1e-8), clipped to 10; then 2 / 0.5).
     """
 
     def __init__(self, num_envs: int, gamma: float, device: torch.device):
         self.gamma = gamma
-        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=device)  # [N]
+        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=device)  # [N], carried across calls
         self.return_rms = RunningMeanStd((), device)
 
-    def __call__(self, reward: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
-        """reward, done: [N] for one step of the N envs; returns the scaled reward [N]."""
-        self.returns.mul_(self.gamma).add_(reward)
-        self.return_rms.update(self.returns)
-        scaled = (reward / (self.return_rms.var + NORM_EPS).sqrt()).clamp_(-NORM_CLIP, NORM_CLIP)
-        self.returns.mul_(1.0 - done)
-        return scaled
+    def __call__(self, rewards: torch.Tensor, dones: torch.Tensor) -> torch.Tensor:
+        """rewards (float64, for precision), dones: [T, N], in step order; returns the scaled rewards [T, N]."""
+        T, N = rewards.shape
+        returns = torch.empty_like(rewards)  # G_t: [T, N]
+        keep = 1.0 - dones.to(rewards.dtype)
+        g = self.returns
+        for t in range(T):
+            g = torch.add(rewards[t], g, alpha=self.gamma)  # r_t + gamma * G_{t-1}
+            returns[t] = g
+            g = g * keep[t]
+        self.returns = g
+        # Statistics after each step t: those before the call merged with returns[: t + 1]. Written with prefix
+        # sums of the deviations from the old mean, so every step's variance comes out at once, without the
+        # cancellation of E[x^2] - E[x]^2: M2 = n_old * var_old + sum(d^2) - sum(d)^2 / n.
+        rms = self.return_rms
+        counts = rms.count + N * torch.arange(1, T + 1, dtype=torch.float64, device=rewards.device)  # [T]
+        deviations = returns - rms.mean  # [T, N]
+        sum_dev = deviations.sum(dim=1).cumsum(0)  # [T]
+        sum_sq = deviations.square().sum(dim=1).cumsum(0)  # [T]
+        var = (rms.count * rms.var + sum_sq - sum_dev.square() / counts) / counts  # [T]
+        rms.mean = rms.mean + sum_dev[-1] / counts[-1]
+        rms.var = var[-1].clone()
+        rms.count += T * N
+        return (rewards / (var + NORM_EPS).sqrt().unsqueeze(1)).clamp(-NORM_CLIP, NORM_CLIP)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -716,7 +739,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         actions = torch.zeros((T, N, act_dim), device=device)  # unclipped samples of the Gaussian
         action_low = torch.as_tensor(envs.single_action_space.low, dtype=torch.float32, device=device)
         action_high = torch.as_tensor(envs.single_action_space.high, dtype=torch.float32, device=device)
-    rewards = torch.zeros((T, N), device=device)  # scaled for Box envs
+    raw_rewards = torch.zeros((T, N), dtype=torch.float64, device=device)  # as the envs return them
     dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
     truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
     final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes
@@ -763,10 +786,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             global_step += N
             done = terminated | truncated
             dones[step] = torch.from_numpy(done)  # copy_ into the float32 buffer casts (and moves to device)
-            reward_t = torch.as_tensor(reward, dtype=torch.float64, device=device)  # [N]
-            if reward_scaler is not None:
-                reward_t = reward_scaler(reward_t, dones[step])
-            rewards[step] = reward_t  # float32 buffer
+            raw_rewards[step] = torch.from_numpy(reward)
             next_obs = observe(next_obs_np)
             time_limit = truncated & ~terminated
             if time_limit.any():
@@ -790,6 +810,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             b_old_params, b_values = agent(b_obs)  # [B, P], [B]
             b_logprobs = agent.logprob_entropy(b_old_params, b_actions)[0]
             values = b_values.reshape(T, N)
+            # Box envs: divided by the std of the running discounted return (RewardScaler).
+            rewards = (reward_scaler(raw_rewards, dones) if reward_scaler is not None else raw_rewards).float()
             # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
             # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal. For Box envs
             # rewards and V are both on the scaled scale, so the sum is consistent.

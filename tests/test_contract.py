@@ -384,36 +384,43 @@ def test_reward_scaler_divides_by_std_of_the_discounted_returns_seen(RewardScale
     dones = (torch.rand(T, N, generator=g) < 0.2).float()
     dones[4, 1] = 1.0  # at least one episode end
     scaler = RewardScaler(N, gamma, torch.device("cpu"))
-    # reference: plain Python, each env's return G = r + gamma G (0 after a done), and every return seen so far
-    running, seen = [0.0] * N, []
+    # reference: plain Python, step by step: each env's return G = r + gamma G (0 after a done), and the
+    # population std of every return seen so far (all envs, all steps) divides that step's rewards
+    running, seen, expected = [0.0] * N, [], np.zeros((T, N))
     for t in range(T):
-        scaled = scaler(rewards[t], dones[t])
         for n in range(N):
             running[n] = running[n] * gamma + rewards[t, n].item()
         seen.extend(running)
-        divisor = math.sqrt(np.var(seen) + 1e-8)  # population std of the returns of all envs and steps so far
-        assert math.sqrt(scaler.return_rms.var.item() + 1e-8) == pytest.approx(divisor, rel=1e-9)
-        np.testing.assert_allclose(scaled.numpy(), np.clip(rewards[t].numpy() / divisor, -10, 10), rtol=1e-9)
+        expected[t] = np.clip(rewards[t].numpy() / math.sqrt(np.var(seen) + 1e-8), -10, 10)
         for n in range(N):
             if dones[t, n]:
                 running[n] = 0.0
-        np.testing.assert_allclose(scaler.returns.numpy(), running, rtol=1e-12, atol=0)
+    # the rollout fed in uneven pieces (one step, several, the rest): the scaler carries G and the statistics
+    start = 0
+    for size in (1, 7, 22):
+        scaled = scaler(rewards[start : start + size], dones[start : start + size])
+        np.testing.assert_allclose(scaled.numpy(), expected[start : start + size], rtol=1e-9)
+        start += size
+    assert start == T
+    np.testing.assert_allclose(scaler.returns.numpy(), running, rtol=1e-12, atol=0)
     assert scaler.return_rms.count == T * N
+    assert scaler.return_rms.var.item() == pytest.approx(np.var(seen), rel=1e-9)
+    assert scaler.return_rms.mean.item() == pytest.approx(np.mean(seen), rel=1e-9)
 
 
 @pytest.mark.parametrize("RewardScaler", scripts_defining("RewardScaler"))
 def test_reward_scaler_restarts_the_return_at_episode_end(RewardScaler):
     scaler = RewardScaler(2, 0.5, torch.device("cpu"))
-    two = torch.tensor([2.0, 2.0], dtype=torch.float64)
-    scaler(two, torch.tensor([0.0, 1.0]))  # env 1's episode ends with this step
+    two = torch.tensor([[2.0, 2.0]], dtype=torch.float64)
+    scaler(two, torch.tensor([[0.0, 1.0]]))  # env 1's episode ends with this step
     assert scaler.returns.tolist() == [2.0, 0.0]
-    scaler(two, torch.zeros(2))
+    scaler(two, torch.zeros(1, 2))
     assert scaler.returns.tolist() == [3.0, 2.0]  # env 0 carries on (2 * 0.5 + 2), env 1 starts again
-    # the docstring's example: one env, rewards 2, 2 -> returns 2, 3 -> std 0.5 -> second reward 4
+    # the docstring's example: one env, rewards 2, 2 -> returns 2, 3 -> stds 0 and 0.5 -> [[10], [4]]
     scaler = RewardScaler(1, 0.5, torch.device("cpu"))
-    scaler(torch.tensor([2.0], dtype=torch.float64), torch.zeros(1))
-    assert scaler(torch.tensor([2.0], dtype=torch.float64), torch.zeros(1)).item() == pytest.approx(4.0, rel=1e-6)
+    scaled = scaler(torch.tensor([[2.0], [2.0]], dtype=torch.float64), torch.zeros(2, 1))
+    assert scaled[:, 0].tolist() == pytest.approx([10.0, 4.0], rel=1e-6)
     # the first return of a fresh scaler has std 0: divided by sqrt(1e-8), clipped to +-10 with the sign kept
     for reward, clipped in ((3.0, 10.0), (-3.0, -10.0)):
         fresh = RewardScaler(1, 0.5, torch.device("cpu"))
-        assert fresh(torch.tensor([reward], dtype=torch.float64), torch.zeros(1)).item() == clipped
+        assert fresh(torch.tensor([[reward]], dtype=torch.float64), torch.zeros(1, 1)).item() == clipped

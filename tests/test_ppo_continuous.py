@@ -126,7 +126,7 @@ def test_reward_scaler_divides_by_std_of_discounted_return_and_restarts_at_episo
     rewards = torch.randn(50, 2, generator=g, dtype=torch.float64) * 5 + 1
     dones = (torch.rand(50, 2, generator=g) < 0.1).double()
     scaler = ppo_continuous.RewardScaler(2, gamma, torch.device("cpu"))
-    scaled = torch.stack([scaler(rewards[t], dones[t]) for t in range(50)])
+    scaled = scaler(rewards, dones)  # the whole rollout in one call
     # reference: plain Python, the returns of every env and step so far, their population std
     running, seen, expected = [0.0, 0.0], [], np.zeros((50, 2))
     for t in range(50):
@@ -140,8 +140,8 @@ def test_reward_scaler_divides_by_std_of_discounted_return_and_restarts_at_episo
     np.testing.assert_allclose(scaled.numpy(), expected, rtol=1e-9)
     # the docstring's example
     scaler = ppo_continuous.RewardScaler(1, 0.5, torch.device("cpu"))
-    scaler(torch.tensor([2.0], dtype=torch.float64), torch.zeros(1))
-    assert scaler(torch.tensor([2.0], dtype=torch.float64), torch.zeros(1)).item() == pytest.approx(4.0, rel=1e-6)
+    scaled = scaler(torch.tensor([[2.0], [2.0]], dtype=torch.float64), torch.zeros(2, 1))
+    assert scaled[:, 0].tolist() == pytest.approx([10.0, 4.0], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_time_limit_is_bootstrapped_and_termination_is_not(tmp_path, monkeypatch
     expected = torch.zeros(16, 1)
     bootstraps = []
     for t in range(16):
-        expected[t] = scaler(torch.ones(1, dtype=torch.float64), ends[t])
+        expected[t] = scaler(torch.ones(1, 1, dtype=torch.float64), ends[t : t + 1])[0]  # one step at a time
         obs_rms.update(torch.full((1, 1), ((t + 1) % 4) / 10, dtype=torch.float64))
         if ends[t] and bootstrapped:
             with torch.no_grad():

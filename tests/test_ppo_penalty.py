@@ -262,17 +262,17 @@ def test_running_mean_std_matches_whole_data_and_round_trips():
 def test_reward_scaler_docstring_example_sign_and_clip():
     cpu = torch.device("cpu")
     scaler = RewardScaler(1, 0.5, cpu)  # rewards 2, 2 -> returns 2, 3 -> std 0.5 -> second reward 4
-    scaler(torch.tensor([2.0], dtype=torch.float64), torch.zeros(1))
-    assert scaler(torch.tensor([2.0], dtype=torch.float64), torch.zeros(1)).item() == pytest.approx(4.0, rel=1e-6)
+    scaled = scaler(torch.tensor([[2.0], [2.0]], dtype=torch.float64), torch.zeros(2, 1))
+    assert scaled[1].item() == pytest.approx(4.0, rel=1e-6)
     # divided by the std of the return (of the rewards of both envs here: 1.5, -1.5), never shifted: sign kept
     scaler = RewardScaler(2, 0.99, cpu)
-    torch.testing.assert_close(scaler(torch.tensor([1.5, -1.5], dtype=torch.float64), torch.tensor([1.0, 0.0])),
-                               torch.tensor([1.0, -1.0], dtype=torch.float64))
+    torch.testing.assert_close(scaler(torch.tensor([[1.5, -1.5]], dtype=torch.float64), torch.tensor([[1.0, 0.0]])),
+                               torch.tensor([[1.0, -1.0]], dtype=torch.float64))
     assert scaler.returns.tolist() == [0.0, -1.5]  # env 0's episode ended: its return restarts at 0
     # clipped to +-10, sign kept: the first return of a fresh scaler has std 0, the divisor is sqrt(1e-8)
     for reward, clipped in ((3.0, 10.0), (-3.0, -10.0)):
         fresh = RewardScaler(1, 0.99, cpu)
-        assert fresh(torch.tensor([reward], dtype=torch.float64), torch.zeros(1)).item() == clipped
+        assert fresh(torch.tensor([[reward]], dtype=torch.float64), torch.zeros(1, 1)).item() == clipped
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -453,7 +453,7 @@ def test_box_env_scales_rewards_and_bootstraps_on_the_normalised_scale(tmp_path,
     expected = torch.zeros(16, 2)
     for t in range(16):
         end = torch.full((2,), float(t % 4 == 3))
-        expected[t] = scaler(torch.ones(2, dtype=torch.float64), end)  # the first ones hit the clip at 10
+        expected[t] = scaler(torch.ones(1, 2, dtype=torch.float64), end[None])[0]  # the first ones hit the clip at 10
         next_obs = 0.0 if t % 4 == 3 else (t % 4 + 1) / 10
         obs_rms.update(torch.full((2, 1), next_obs, dtype=torch.float64))
         if t % 4 == 3:

@@ -429,7 +429,7 @@ def test_reward_scaler_divides_without_centring_and_restarts_the_return_at_episo
     for t in range(20):
         reward = torch.randn(2, generator=g, dtype=torch.float64) * 3 + 1
         done = torch.tensor([float(t % 5 == 4), float(t % 7 == 6)])
-        scaled = scaler(reward, done)
+        scaled = scaler(reward[None], done[None])[0]  # a rollout of one step
         # divided by the std of the discounted return, never shifted: the sign (good or bad) is kept
         torch.testing.assert_close(scaled, (reward / (scaler.return_rms.var + 1e-8).sqrt()).clamp(-10, 10))
         assert torch.equal(scaled.sign(), reward.sign())
@@ -439,7 +439,7 @@ def test_reward_scaler_divides_without_centring_and_restarts_the_return_at_episo
     # the first return of a fresh scaler has std 0: the reward is divided by sqrt(1e-8) and clipped to +-10
     for reward, clipped in ((3.0, 10.0), (-3.0, -10.0)):
         fresh = trpo.RewardScaler(1, gamma, torch.device("cpu"))
-        assert fresh(torch.tensor([reward], dtype=torch.float64), torch.zeros(1)).item() == clipped
+        assert fresh(torch.tensor([[reward]], dtype=torch.float64), torch.zeros(1, 1)).item() == clipped
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -529,12 +529,15 @@ gym.register("TrpoCountingBox-v0", entry_point=lambda: CountingEnv(continuous=Tr
 
 class FrozenRunningMeanStd(trpo.RunningMeanStd):
     """Fixed statistics: observations (x - 0.2) / 0.2, rewards / 2 (RewardScaler's return_rms is one of these
-    too). With NORM_EPS patched to 0 the final observation [0.4] becomes exactly [1.0] and a reward of 1 0.5."""
+    too, with a count so large that a rollout's returns move its variance by ~1e-13: RewardScaler merges them
+    itself, without update()). With NORM_EPS patched to 0 the final observation [0.4] becomes exactly [1.0] and
+    a reward of 1 0.5."""
 
     def __init__(self, shape, device):
         super().__init__(shape, device)
         if shape == ():
             self.var.fill_(4.0)
+            self.count = 1e15
         else:
             self.mean.fill_(0.2)
             self.var.fill_(0.04)
