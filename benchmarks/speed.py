@@ -3,8 +3,8 @@
     python benchmarks/speed.py ppo_discrete.py --cleanrl-script ~/cleanrl/cleanrl/ppo.py \
         --cleanrl-python ~/venv-cleanrl/bin/python --total-timesteps 500000 --repeats 2
 
-Runs are sequential and alternate (ours, cleanrl, ours, cleanrl, ...) so that drift in the machine's speed
-hits both alike; nothing else should run meanwhile. Both get the same hyperparameters: their own defaults,
+Runs are sequential and alternate (ours, ours with each --variant's flags, cleanrl, ours, ...) so that drift
+in the machine's speed hits all alike; nothing else should run meanwhile. Both get the same hyperparameters: their own defaults,
 which are equal by design, plus whatever follows `--` (passed to both). SPS is the final figure each script
 reports (global steps / wall seconds of the training loop). cleanrl runs in its own venv (it pins gymnasium
 0.29); it is not part of this repository. Prints a table and writes it to --out as JSON.
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--env-id", default=None, help="passed to both; default: each script's default env")
     parser.add_argument("--total-timesteps", type=int, default=None, help="passed to both")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--variant", action="append", default=[],
+                        help="flags of one more run of ours per repeat (ours only), e.g. --variant=--compile")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/speed_<script>.json)")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -59,9 +61,13 @@ def main() -> None:
         common += ["--total-timesteps", str(args.total_timesteps)]
 
     ours, theirs = [], []
+    variants = {variant: [] for variant in args.variant}
     for repeat in range(args.repeats):
         ours.append(run_ours(ROOT / args.script, common))
         print(f"repeat {repeat + 1}: ours {ours[-1]:.0f} SPS", flush=True)
+        for variant, sps in variants.items():
+            sps.append(run_ours(ROOT / args.script, common + variant.split()))
+            print(f"repeat {repeat + 1}: ours {variant} {sps[-1]:.0f} SPS", flush=True)
         theirs.append(run_cleanrl(args.cleanrl_python, args.cleanrl_script, common))
         print(f"repeat {repeat + 1}: cleanrl {theirs[-1]:.0f} SPS", flush=True)
     result = {
@@ -73,12 +79,18 @@ def main() -> None:
         "ours_sps": ours,
         "cleanrl_sps": theirs,
         "ratio_of_means": float(np.mean(ours) / np.mean(theirs)),
+        "variants": {
+            variant: {"ours_sps": sps, "ratio_of_means": float(np.mean(sps) / np.mean(theirs))}
+            for variant, sps in variants.items()
+        },
     }
     out = args.out or ROOT / "benchmarks" / "results" / f"speed_{Path(args.script).stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"ours {np.mean(ours):.0f} SPS, cleanrl {np.mean(theirs):.0f} SPS: ratio {result['ratio_of_means']:.2f}x "
           f"({args.repeats} alternating runs each); written to {out}")
+    for variant, sps in variants.items():
+        print(f"ours {variant}: {np.mean(sps):.0f} SPS, ratio {np.mean(sps) / np.mean(theirs):.2f}x")
 
 
 if __name__ == "__main__":

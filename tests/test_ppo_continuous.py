@@ -256,6 +256,34 @@ def test_same_seed_same_metrics(tmp_path, monkeypatch):
         assert first == second
 
 
+def test_compile_trains_like_eager_up_to_float_rounding(tmp_path, monkeypatch):
+    """--compile changes how the minibatch loss is computed (fused kernels), not what: the same seed gives the
+    same losses, KLs and returns as the eager run, to float rounding. Its first call compiles (~10 s)."""
+    runs = []
+    for flags in ([], ["--compile"]):
+        (tmp_path / str(len(runs))).mkdir()
+        monkeypatch.chdir(tmp_path / str(len(runs)))
+        ppo_continuous.main(TWO_ITERATIONS + flags)
+        runs.append(read_metrics(run_dirs(tmp_path / str(len(runs)))[0]))
+    for eager, compiled in zip(*runs):
+        for key in ("policy_loss", "value_loss", "entropy", "loss", "approx_kl_k1", "approx_kl_k3",
+                    "explained_variance", "action_std", "episodic_return"):
+            if eager[key] is None:  # no episode ended in that iteration
+                assert compiled[key] is None, key
+            else:
+                assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+        assert compiled["clipfrac"] == eager["clipfrac"]
+
+
+def test_compile_without_a_cxx_compiler_exits_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ppo_continuous.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as exit_info:
+        ppo_continuous.main(TWO_ITERATIONS + ["--compile"])
+    assert "--compile on the CPU needs a C++ compiler" in str(exit_info.value)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_target_kl_stops_the_update_early(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ppo_continuous.main(TWO_ITERATIONS + ["--update-epochs", "4", "--target-kl", "1e-9", "--learning-rate", "0.01"])
