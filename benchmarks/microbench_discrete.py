@@ -14,6 +14,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ppo_discrete as P  # noqa: E402
@@ -33,6 +34,9 @@ envs = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 4, autoreset
 envs.reset(seed=0)
 a = np.zeros(4, dtype=np.int64)
 print("SyncVectorEnv(4 x CartPole).step", bench(lambda: envs.step(a)))
+vector_env = gym.make_vec("CartPole-v1", num_envs=4, vectorization_mode="vector_entry_point")  # CartPoleVectorEnv
+vector_env.reset(seed=0)
+print("CartPoleVectorEnv(4).step (NEXT_STEP autoreset)", bench(lambda: vector_env.step(a)))
 agent = P.Agent(4, 2)
 x = torch.randn(4, 4)
 logits = torch.randn(4, 2)
@@ -61,6 +65,20 @@ def logprob():
 
 
 print("actor + critic forward, 4 obs (no_grad)", bench(fwd))
+l0, l2, l4 = agent.actor[0], agent.actor[2], agent.actor[4]
+
+
+def actor_functional():
+    with torch.inference_mode():
+        F.linear(torch.tanh(F.linear(torch.tanh(F.linear(x, l0.weight, l0.bias)), l2.weight, l2.bias)), l4.weight, l4.bias)
+
+
+def actor_sequential():
+    with torch.inference_mode():
+        agent.actor(x)
+
+
+print("actor forward, 4 obs: nn.Sequential / F.linear calls", bench(actor_sequential), bench(actor_functional))
 print("actor + Gumbel-max (no_grad)", bench(actor_gumbel(torch.no_grad)))
 print("actor + Gumbel-max (inference_mode)", bench(actor_gumbel(torch.inference_mode)))
 print("torch.multinomial", bench(multinomial))
