@@ -5,7 +5,8 @@
 
 cleanrl's scripts print `global_step=..., episodic_return=[...]` for every finished episode; this runs the
 script for each seed (at most --jobs at once, each with OMP_NUM_THREADS=1 so that two runs on two cores do not
-busy-wait on each other's threads), keeps those lines, and writes to benchmarks/results/cleanrl_<script>/<env>/:
+busy-wait on each other's threads), keeps those lines, and writes to --out (default
+benchmarks/results/cleanrl_<script>/<env>/):
     seed<k>.jsonl   one line per finished episode: {"global_step": ..., "episodic_return": ...}
     summary.json    command, seeds, machine, date, per-seed final return, mean and std over seeds
 The final return is defined as for our scripts (benchmarks/run.py): the mean return of a seed's last 100
@@ -38,8 +39,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--total-timesteps", type=int, default=1_000_000)
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/cleanrl_<script>/<env>")
     args = parser.parse_args()
-    out = ROOT / "benchmarks" / "results" / f"cleanrl_{args.script.stem}" / args.env_id
+    out = args.out or ROOT / "benchmarks" / "results" / f"cleanrl_{args.script.stem}" / args.env_id
     work = out / "work"  # cleanrl's runs/ folders (tensorboard) and raw stdout; gitignored
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
