@@ -7,7 +7,9 @@ cleanrl's scripts print `global_step=..., episodic_return=[...]` for every finis
 script for each seed (at most --jobs at once, each with OMP_NUM_THREADS=1 so that two runs on two cores do not
 busy-wait on each other's threads), keeps those lines, and writes to --out (default
 benchmarks/results/cleanrl_<script>/<env>/):
-    seed<k>.jsonl   one line per finished episode: {"global_step": ..., "episodic_return": ...}
+    seed<k>.jsonl   one line per finished episode: global_step, episodic_return, episodic_return_100 (mean of
+                    the last 100 episodes so far) and time (null: cleanrl prints none), so that
+                    benchmarks/plot.py draws it beside our runs against steps
     summary.json    command, seeds, machine, date, per-seed final return, mean and std over seeds
 The final return is defined as for our scripts (benchmarks/run.py): the mean return of a seed's last 100
 episodes; mean +- std (ddof=0) over seeds. Nothing of cleanrl's is copied into this repository.
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--total-timesteps", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/cleanrl_<script>/<env>")
+    parser.add_argument("--collect", action="store_true", help="run nothing: summarise the logs already in <out>/work")
     args = parser.parse_args()
     out = args.out or ROOT / "benchmarks" / "results" / f"cleanrl_{args.script.stem}" / args.env_id
     work = out / "work"  # cleanrl's runs/ folders (tensorboard) and raw stdout; gitignored
@@ -51,7 +54,7 @@ def main() -> None:
                 "--total-timesteps", str(args.total_timesteps)]
 
     started = time.time()
-    pending, running = list(args.seeds), {}
+    pending, running = ([] if args.collect else list(args.seeds)), {}
     while pending or running:
         while pending and len(running) < args.jobs:
             seed = pending.pop(0)
@@ -76,13 +79,16 @@ def main() -> None:
     ).stdout.strip()
     finals = {}
     for seed in args.seeds:
+        lines = (work / f"seed{seed}" / "stdout.log").read_text().splitlines()
+        found = [(int(m.group(1)), float(m.group(2))) for m in map(EPISODE.search, lines) if m]
+        returns = np.array([r for _, r in found])
         episodes = [
-            {"global_step": int(m.group(1)), "episodic_return": float(m.group(2))}
-            for m in map(EPISODE.search, (work / f"seed{seed}" / "stdout.log").read_text().splitlines())
-            if m
+            {"global_step": step, "episodic_return": r, "episodic_return_100": float(returns[max(0, i - 99) : i + 1].mean()),
+             "time": None}
+            for i, (step, r) in enumerate(found)
         ]
         (out / f"seed{seed}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
-        finals[seed] = float(np.mean([e["episodic_return"] for e in episodes[-100:]]))
+        finals[seed] = float(returns[-100:].mean())
     values = np.array(list(finals.values()))
     summary = {
         "script": args.script.name,

@@ -62,6 +62,8 @@ def main() -> None:
         ax_steps.fill_between(grid, mean - std, mean + std, alpha=0.2, color=line.get_color())
         # Wall-clock differs between seeds (they share the cores unevenly), so each seed gets its own line.
         for i, (_, seconds, value) in enumerate(seeds):
+            if np.isnan(seconds).all():  # no clock logged (cleanrl_reference.py's runs of cleanrl's script)
+                continue
             ax_time.plot(seconds, value, color=line.get_color(), alpha=0.7, lw=1, label=label if i == 0 else None)
     ax_steps.set_xlabel("environment steps")
     ax_time.set_xlabel("wall-clock seconds (training loop), one line per seed")
