@@ -3,7 +3,8 @@
     python benchmarks/plot.py benchmarks/results/ppo_discrete/CartPole-v1 --out benchmarks/cartpole.png
     python benchmarks/plot.py results/ppo_continuous/Hopper-v4 results/trpo/Hopper-v4 --out hopper.png
 
-Each argument is a folder written by benchmarks/run.py (seed*.jsonl files); each becomes one curve labelled
+Each argument is a folder written by benchmarks/run.py (seed*.jsonl files), or several joined by commas whose
+seeds make one curve (seeds 1-3 and 4-6 run at different times); each argument becomes one curve labelled
 <script> on <env>. The y value is the mean return of the last 100 episodes at each iteration: mean +- std over seeds against
 steps, one line per seed against wall-clock (seeds share the cores unevenly, so their clocks differ).
 Needs matplotlib (optional dependency: pip install matplotlib).
@@ -18,15 +19,15 @@ from pathlib import Path
 import numpy as np
 
 
-def load_seeds(folder: Path, key: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def load_seeds(folders: list[Path], key: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per seed: (global_step, time, value) arrays of the iterations where `key` is known."""
     seeds = []
-    for path in sorted(folder.glob("seed*.jsonl")):
+    for path in (p for folder in folders for p in sorted(folder.glob("seed*.jsonl"))):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         rows = [r for r in rows if r.get(key) is not None]
         seeds.append(tuple(np.array([r[k] for r in rows], dtype=float) for k in ("global_step", "time", key)))
     if not seeds:
-        raise SystemExit(f"error: no seed*.jsonl in {folder}")
+        raise SystemExit(f"error: no seed*.jsonl in {', '.join(map(str, folders))}")
     return seeds
 
 
@@ -40,7 +41,7 @@ def mean_std_on_grid(xs: list[np.ndarray], ys: list[np.ndarray], points: int = 2
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", type=Path, nargs="+")
+    parser.add_argument("folders", nargs="+", help="run.py result folders; join several with commas for one curve")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--key", default="episodic_return_100", help="metric to plot")
     parser.add_argument("--title", default=None)
@@ -54,9 +55,10 @@ def main() -> None:
         raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
 
     fig, (ax_steps, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
-    for folder in args.folders:
-        seeds = load_seeds(folder, args.key)
-        label = f"{folder.parent.name} ({len(seeds)} seeds)"
+    for spec in args.folders:
+        folders = [Path(part) for part in spec.split(",")]
+        seeds = load_seeds(folders, args.key)
+        label = f"{folders[0].parent.name} ({len(seeds)} seeds)"
         grid, mean, std = mean_std_on_grid([s[0] for s in seeds], [s[2] for s in seeds])
         (line,) = ax_steps.plot(grid, mean, label=label)
         ax_steps.fill_between(grid, mean - std, mean + std, alpha=0.2, color=line.get_color())
@@ -71,7 +73,7 @@ def main() -> None:
         ax.set_ylabel("return (mean of last 100 episodes)" if args.key == "episodic_return_100" else args.key)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(args.title or args.folders[0].name)
+    fig.suptitle(args.title or Path(args.folders[0].split(",")[0]).name)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
