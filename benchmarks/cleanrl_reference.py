@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from run import machine
+from run import machine, package_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 EPISODE = re.compile(r"global_step=(\d+), episodic_return=\[?([-+0-9.eE]+)\]?")
@@ -72,11 +72,7 @@ def main() -> None:
                 if proc.returncode != 0:
                     raise SystemExit(f"seed {seed} failed: see {work / f'seed{seed}' / 'stdout.log'}")
 
-    versions = subprocess.run(
-        [args.python, "-c", "import gymnasium, mujoco, torch; "
-         "print(f'gymnasium {gymnasium.__version__}, mujoco {mujoco.__version__}, torch {torch.__version__}')"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
+    versions = package_versions(args.python)
     finals = {}
     for seed in args.seeds:
         lines = (work / f"seed{seed}" / "stdout.log").read_text().splitlines()

@@ -6,7 +6,7 @@
 Seeds run in parallel, at most --jobs at a time (default: the number of cores). Everything after `--` goes
 to the script unchanged. Results land in benchmarks/results/<script>/<env>/:
     seed<k>.jsonl   the run's per-iteration metrics (copied from runs/<run_name>/metrics.jsonl)
-    summary.json    command, seeds, machine, date, per-seed final return, mean and std over seeds
+    summary.json    command, seeds, machine, package versions, date, per-seed final return, mean and std over seeds
 The final return of a seed is the mean episodic return of its last 100 episodes (Stable-Baselines3's
 `ep_rew_mean`); the summary gives mean +- std of that over seeds (std with ddof=0, as cleanrl reports).
 """
@@ -39,6 +39,14 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
+def package_versions(python: str = sys.executable) -> str:
+    """The versions, as `python` sees them, of the packages that move the figures: MuJoCo's version changes
+    the physics (so the returns), and all four change the speed."""
+    code = ("import gymnasium, mujoco, numpy, torch; print(f'torch {torch.__version__}, gymnasium "
+            "{gymnasium.__version__}, mujoco {mujoco.__version__}, numpy {numpy.__version__}')")
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("script", help="e.g. ppo_discrete.py")
@@ -63,22 +71,20 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    commands, procs, started = {}, {}, {}
+    commands = {seed: [str(script), "--env-id", args.env_id, "--seed", str(seed), *extra] for seed in args.seeds}
+    shown = {seed: " ".join(["python", args.script, *cmd[1:]]) for seed, cmd in commands.items()}  # as a user types it
+    procs, started = {}, {}
     pending = [] if args.collect else list(args.seeds)
-    for seed in args.seeds:
-        cmd = [sys.executable, str(script), "--env-id", args.env_id, "--seed", str(seed), *extra]
-        commands[seed] = " ".join(["python", args.script] + cmd[2:])
     start = time.time()
     while pending or procs:
         while pending and len(procs) < args.jobs:
             seed = pending.pop(0)
             cwd = work / f"seed{seed}"
             cwd.mkdir(parents=True)
-            cmd = [sys.executable, str(script), "--env-id", args.env_id, "--seed", str(seed), *extra]
             log = open(cwd / "stdout.log", "w")
-            procs[seed] = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+            procs[seed] = subprocess.Popen([sys.executable, *commands[seed]], cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
             started[seed] = time.time()
-            print(f"seed {seed}: started ({commands[seed]})", flush=True)
+            print(f"seed {seed}: started ({shown[seed]})", flush=True)
         for seed, proc in list(procs.items()):
             if proc.poll() is not None:
                 del procs[seed]
@@ -104,10 +110,11 @@ def main() -> None:
     summary = {
         "script": args.script,
         "env_id": args.env_id,
-        "command": commands[args.seeds[0]].replace(f"--seed {args.seeds[0]}", "--seed <seed>"),
+        "command": shown[args.seeds[0]].replace(f"--seed {args.seeds[0]}", "--seed <seed>"),
         "seeds": args.seeds,
         "parallel_jobs": args.jobs,
         "machine": machine(),
+        "packages": package_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "wall_seconds_all_seeds": None if args.collect else round(time.time() - start, 1),
         "per_seed": per_seed,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import ROOT, machine  # noqa: E402
+from run import ROOT, machine, package_versions  # noqa: E402
 
 
 def run_ours(script: Path, args: list[str]) -> float:
@@ -75,6 +75,7 @@ def main() -> None:
         "cleanrl_script": Path(args.cleanrl_script).name,
         "common_args": common,
         "machine": machine(),
+        "packages": {"ours": package_versions(), "cleanrl": package_versions(args.cleanrl_python)},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "ours_sps": ours,
         "cleanrl_sps": theirs,
