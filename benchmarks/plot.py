@@ -45,7 +45,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--key", default="episodic_return_100", help="metric to plot")
     parser.add_argument("--title", default=None)
+    parser.add_argument("--label", action="append", default=[],
+                        help="legend name of the next curve, once per folder argument in order (default: the script)")
     args = parser.parse_args()
+    if args.label and len(args.label) != len(args.folders):
+        parser.error(f"{len(args.label)} --label for {len(args.folders)} curves: give one per curve or none")
     try:
         import matplotlib
 
@@ -55,18 +59,18 @@ def main() -> None:
         raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
 
     fig, (ax_steps, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
-    for spec in args.folders:
+    for i, spec in enumerate(args.folders):
         folders = [Path(part) for part in spec.split(",")]
         seeds = load_seeds(folders, args.key)
-        label = f"{folders[0].parent.name} ({len(seeds)} seeds)"
+        label = f"{args.label[i] if args.label else folders[0].parent.name} ({len(seeds)} seeds)"
         grid, mean, std = mean_std_on_grid([s[0] for s in seeds], [s[2] for s in seeds])
         (line,) = ax_steps.plot(grid, mean, label=label)
         ax_steps.fill_between(grid, mean - std, mean + std, alpha=0.2, color=line.get_color())
         # Wall-clock differs between seeds (they share the cores unevenly), so each seed gets its own line.
-        for i, (_, seconds, value) in enumerate(seeds):
+        for k, (_, seconds, value) in enumerate(seeds):
             if np.isnan(seconds).all():  # no clock logged (cleanrl_reference.py's runs of cleanrl's script)
                 continue
-            ax_time.plot(seconds, value, color=line.get_color(), alpha=0.7, lw=1, label=label if i == 0 else None)
+            ax_time.plot(seconds, value, color=line.get_color(), alpha=0.7, lw=1, label=label if k == 0 else None)
     ax_steps.set_xlabel("environment steps")
     ax_time.set_xlabel("wall-clock seconds (training loop), one line per seed")
     for ax in (ax_steps, ax_time):
