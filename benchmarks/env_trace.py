@@ -49,6 +49,8 @@ def compare(a_path: str, b_path: str) -> None:
     for steps in (10, 100, 1000, rows - 1):
         n = min(steps + 1, rows)
         print(f"first {n:5d} observations: max |difference| {np.abs(a['obs'][:n] - b['obs'][:n]).max():.3g}")
+    steps = min(len(a["rewards"]), len(b["rewards"]))
+    print(f"rewards, all {steps} steps: max |difference| {np.abs(a['rewards'][:steps] - b['rewards'][:steps]).max():.3g}")
     same_ends = np.array_equal(a["episode_ends"], b["episode_ends"])
     print(f"{a['versions']} vs {b['versions']}: episode ends {'identical' if same_ends else 'differ'} "
           f"(first five: {a['episode_ends'][:5]} vs {b['episode_ends'][:5]})")

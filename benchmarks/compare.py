@@ -1,0 +1,89 @@
+"""The numbers RESULTS.md quotes when it sets result folders side by side.
+
+    R=benchmarks/results
+    python benchmarks/compare.py $R/ppo_continuous/Hopper-v4,$R/more_seeds/ppo_continuous/Hopper-v4 \
+        $R/cleanrl_ppo_continuous_action/Hopper-v4,$R/more_seeds/cleanrl_ppo_continuous_action/Hopper-v4 \
+        --at 250000 500000 750000
+
+Arguments are groups, as for plot.py: a folder written by run.py or cleanrl_reference.py, or several joined by
+commas. For each group it prints, for --key (default: the last-100 episodic return):
+  final        the last logged value of each seed, then mean +- std over seeds (ddof 0, as everywhere here)
+  at steps     the mean over seeds of each seed's curve, linearly interpolated at the --at steps
+  run mean     each seed's curve averaged over 200 evenly spaced steps from the group's first logged step to
+               its shortest seed's last, then mean +- std over seeds (one number for "ahead for most of the run")
+  t            Welch's t of the final values against the first group (variances with ddof 1)
+With --first-difference and two groups of our scripts' runs, it also prints, per seed file present in both,
+the first iteration whose metrics (all but time and SPS) differ: where two variants of a script part ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plot import load_seeds  # noqa: E402
+
+
+def welch_t(a: np.ndarray, b: np.ndarray) -> float:
+    """(mean a - mean b) / sqrt(var a / n_a + var b / n_b), sample variances."""
+    return float((a.mean() - b.mean()) / np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+
+
+def without_clock(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("time", "sps")}
+
+
+def first_difference(group_a: list[Path], group_b: list[Path]) -> None:
+    files_b = {p.name: p for folder in group_b for p in folder.glob("seed*.jsonl")}
+    for path_a in sorted((p for folder in group_a for p in folder.glob("seed*.jsonl")), key=lambda p: p.name):
+        if path_a.name not in files_b:
+            continue
+        rows_a, rows_b = ([json.loads(line) for line in p.read_text().splitlines()] for p in (path_a, files_b[path_a.name]))
+        pairs = zip(map(without_clock, rows_a), map(without_clock, rows_b))
+        where = next((i for i, (row_a, row_b) in enumerate(pairs) if row_a != row_b), None)
+        if where is None:
+            print(f"  {path_a.name}: identical over {min(len(rows_a), len(rows_b))} iterations")
+        else:
+            print(f"  {path_a.name}: first difference at iteration {rows_a[where]['iteration']} "
+                  f"(step {rows_a[where]['global_step']})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("groups", nargs="+", help="result folders; join several with commas for one group")
+    parser.add_argument("--key", default="episodic_return_100")
+    parser.add_argument("--at", type=int, nargs="*", default=[], help="steps at which to read the mean curve")
+    parser.add_argument("--first-difference", action="store_true", help="see above; needs exactly two groups")
+    args = parser.parse_args()
+    groups = [[Path(part) for part in spec.split(",")] for spec in args.groups]
+
+    first_finals = None
+    for spec, folders in zip(args.groups, groups):
+        seeds = load_seeds(folders, args.key)  # per seed: (steps, time, value)
+        finals = np.array([value[-1] for _, _, value in seeds])
+        grid = np.linspace(max(s[0][0] for s in seeds), min(s[0][-1] for s in seeds), 200)
+        run_means = np.array([np.interp(grid, steps, value).mean() for steps, _, value in seeds])
+        print(spec)
+        print(f"  final     {', '.join(f'{f:.1f}' for f in finals)}: {finals.mean():.2f} +- {finals.std():.2f}")
+        if args.at:
+            at = [np.mean([np.interp(step, s[0], s[2]) for s in seeds]) for step in args.at]
+            print(f"  at steps  {' / '.join(f'{x:.0f}' for x in at)} (at {' / '.join(map(str, args.at))})")
+        print(f"  run mean  {run_means.mean():.0f} +- {run_means.std():.0f}")
+        if first_finals is None:
+            first_finals = finals
+        else:
+            print(f"  t         {welch_t(finals, first_finals):.2f} (final, against the first group)")
+    if args.first_difference:
+        if len(groups) != 2:
+            parser.error("--first-difference compares exactly two groups")
+        print("first difference:")
+        first_difference(*groups)
+
+
+if __name__ == "__main__":
+    main()
