@@ -1,0 +1,84 @@
+"""Do two implementations train alike? The per-iteration diagnostics of result folders, averaged over windows
+of environment steps and over seeds.
+
+    R=benchmarks/results
+    <cleanrl venv>/bin/python benchmarks/diagnostics.py $R/cleanrl_ppo_continuous_action/Hopper-v4 \
+        $R/mujoco_2.3.7/ppo_continuous/Hopper-v4 --windows 0 50000 150000 300000 500000 750000 1000000
+
+Final returns are noisy (three seeds of Hopper move by ~500); the diagnostics of the update are not, so two
+scripts that implement the same algorithm should give the same window means here, and a difference points at
+where they part. Arguments are groups, as for plot.py and compare.py (folders joined by commas make one group):
+  - a folder of our runs (run.py): the seed*.jsonl metrics are read;
+  - a folder written by cleanrl_reference.py: cleanrl's tensorboard files under work/seed*/runs/ are read, which
+    needs the `tensorboard` package (cleanrl's own venv has it, so run this with that venv's python).
+Keys, ours = cleanrl's: entropy = losses/entropy, clipfrac = losses/clipfrac, value_loss = losses/value_loss,
+approx_kl_k3 = losses/approx_kl, explained_variance = losses/explained_variance. Two of them are defined
+slightly differently: cleanrl logs entropy, value loss and approx KL of the LAST minibatch of an update (the KL
+before that minibatch's step), ours the mean over the minibatches (entropy, value loss) and the KL of the
+updated policy on the whole batch. With a state-independent std the entropy is the same for every minibatch
+but moves a little within an update; the KL differs by one minibatch step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+CLEANRL_TAGS = {
+    "entropy": "losses/entropy",
+    "clipfrac": "losses/clipfrac",
+    "approx_kl_k3": "losses/approx_kl",
+    "explained_variance": "losses/explained_variance",
+    "value_loss": "losses/value_loss",
+}
+
+
+def load(folder: Path) -> list[dict[str, np.ndarray]]:
+    """Per seed: key -> [iterations, 2] array of (global_step, value)."""
+    events = sorted(folder.glob("work/seed*/runs/*/events.out.tfevents.*"))
+    if events:  # cleanrl_reference.py's folder
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        seeds = []
+        for path in events:
+            acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+            acc.Reload()
+            seeds.append({k: np.array([(e.step, e.value) for e in acc.Scalars(t)]) for k, t in CLEANRL_TAGS.items()})
+        return seeds
+    seeds = []
+    for path in sorted(folder.glob("seed*.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        seeds.append({
+            k: np.array([(r["global_step"], r[k]) for r in rows if r.get(k) is not None]) for k in CLEANRL_TAGS
+        })
+    if not seeds:
+        raise SystemExit(f"error: neither seed*.jsonl nor cleanrl tensorboard files in {folder}")
+    return seeds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("groups", nargs="+", help="result folders; several joined by commas make one group")
+    parser.add_argument("--windows", type=float, nargs="+", default=[0, 50e3, 150e3, 300e3, 500e3, 750e3, 1e6],
+                        help="window edges in environment steps; a window is (lo, hi]")
+    args = parser.parse_args()
+    edges = list(zip(args.windows[:-1], args.windows[1:]))
+    groups = {g: [s for f in g.split(",") for s in load(Path(f))] for g in args.groups}
+    print("window means over iterations, then over seeds; windows (k steps): "
+          + " ".join(f"{lo / 1e3:g}-{hi / 1e3:g}" for lo, hi in edges))
+    for key in CLEANRL_TAGS:
+        print(key)
+        for name, seeds in groups.items():
+            means = []
+            for lo, hi in edges:
+                per_seed = [s[key][(s[key][:, 0] > lo) & (s[key][:, 0] <= hi), 1] for s in seeds]
+                per_seed = [v.mean() for v in per_seed if len(v)]
+                means.append(np.mean(per_seed) if per_seed else np.nan)
+            print(f"  {' '.join(f'{m:8.4f}' for m in means)}  {name} ({len(seeds)} seeds)")
+
+
+if __name__ == "__main__":
+    main()
