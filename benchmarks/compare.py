@@ -12,6 +12,7 @@ commas. For each group it prints, for --key (default: the last-100 episodic retu
   run mean     each seed's curve averaged over 200 evenly spaced steps from the group's first logged step to
                its shortest seed's last, then mean +- std over seeds (one number for "ahead for most of the run")
   t            Welch's t of the final values against the first group (variances with ddof 1)
+--seeds k ... reads only the files seed<k>.jsonl of those seeds in every group (seeds 1-3 of a six-seed folder).
 With --first-difference and two groups of our scripts' runs, it also prints, per seed file present in both,
 the first iteration whose metrics (all but time and SPS) differ: where two variants of a script part ways.
 """
@@ -58,13 +59,14 @@ def main() -> None:
     parser.add_argument("groups", nargs="+", help="result folders; join several with commas for one group")
     parser.add_argument("--key", default="episodic_return_100")
     parser.add_argument("--at", type=int, nargs="*", default=[], help="steps at which to read the mean curve")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds of every group")
     parser.add_argument("--first-difference", action="store_true", help="see above; needs exactly two groups")
     args = parser.parse_args()
     groups = [[Path(part) for part in spec.split(",")] for spec in args.groups]
 
     first_finals = None
     for spec, folders in zip(args.groups, groups):
-        seeds = load_seeds(folders, args.key)  # per seed: (steps, time, value)
+        seeds = load_seeds(folders, args.key, args.seeds)  # per seed: (steps, time, value)
         finals = np.array([value[-1] for _, _, value in seeds])
         grid = np.linspace(max(s[0][0] for s in seeds), min(s[0][-1] for s in seeds), 200)
         run_means = np.array([np.interp(grid, steps, value).mean() for steps, _, value in seeds])

@@ -40,7 +40,11 @@ def load(folder: Path) -> list[dict[str, np.ndarray]]:
     """Per seed: key -> [iterations, 2] array of (global_step, value)."""
     events = sorted(folder.glob("work/seed*/runs/*/events.out.tfevents.*"))
     if events:  # cleanrl_reference.py's folder
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        try:
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        except ImportError:
+            raise SystemExit("error: reading cleanrl's tensorboard files needs `tensorboard`: run this with the "
+                             "python of cleanrl's venv") from None
 
         seeds = []
         for path in events:
@@ -56,6 +60,9 @@ def load(folder: Path) -> list[dict[str, np.ndarray]]:
         })
     if not seeds:
         raise SystemExit(f"error: neither seed*.jsonl nor cleanrl tensorboard files in {folder}")
+    if not any(len(v) for seed in seeds for v in seed.values()):  # cleanrl_reference.py's per-episode files only
+        raise SystemExit(f"error: no diagnostics in {folder}: for cleanrl's runs they are in the tensorboard files "
+                         "under work/ (not committed); re-run cleanrl_reference.py to get them")
     return seeds
 
 

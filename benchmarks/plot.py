@@ -15,14 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 
-def load_seeds(folders: list[Path], key: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per seed: (global_step, time, value) arrays of the iterations where `key` is known."""
+def load_seeds(folders: list[Path], key: str, only: Optional[list[int]] = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per seed: (global_step, time, value) arrays of the iterations where `key` is known. With `only`, just
+    the files seed<k>.jsonl of those k."""
     seeds = []
     for path in (p for folder in folders for p in sorted(folder.glob("seed*.jsonl"))):
+        if only is not None and int(path.stem[len("seed"):]) not in only:
+            continue
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         rows = [r for r in rows if r.get(key) is not None]
         seeds.append(tuple(np.array([r[k] for r in rows], dtype=float) for k in ("global_step", "time", key)))
