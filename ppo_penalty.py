@@ -787,12 +787,17 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             done = terminated | truncated
             dones[step] = torch.from_numpy(done)  # copy_ into the float32 buffer casts (and moves to device)
             raw_rewards[step] = torch.from_numpy(reward)
+            if obs_rms is not None and done.any():
+                # Each ended episode's last observation counts in the statistics too, before the reset one:
+                # the states episodes end in are real states of the env (as in ppo_continuous.py, where
+                # counting them was measured: benchmarks/RESULTS.md).
+                obs_rms.update(torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device))
             next_obs = observe(next_obs_np)
             time_limit = truncated & ~terminated
             if time_limit.any():
                 mask = torch.as_tensor(time_limit, device=device)
                 truncated_at[step] = mask
-                # normalised with the same statistics as next_obs (not added to them): V sees its usual input
+                # normalised with the statistics next_obs was normalised with: V sees its usual input
                 raw_final = torch.as_tensor(np.stack(info["final_obs"][time_limit]), dtype=torch.float64, device=device)
                 final_obs[step, mask] = raw_final.float() if obs_rms is None else obs_rms.normalize(raw_final)
 

@@ -424,3 +424,55 @@ def test_reward_scaler_restarts_the_return_at_episode_end(RewardScaler):
     for reward, clipped in ((3.0, 10.0), (-3.0, -10.0)):
         fresh = RewardScaler(1, 0.5, torch.device("cpu"))
         assert fresh(torch.tensor([[reward]], dtype=torch.float64), torch.zeros(1, 1)).item() == clipped
+
+
+# One env, 256 Pendulum-v1 steps in one iteration: its episode ends by time limit at step 200.
+PENDULUM_ONE_ITERATION = {
+    "ppo_continuous": ["--num-steps", "256", "--num-minibatches", "2", "--update-epochs", "1"],
+    "ppo_penalty": ["--num-envs", "1", "--num-steps", "256", "--num-minibatches", "2", "--update-epochs", "1"],
+    "trpo": ["--num-envs", "1", "--num-steps", "256", "--num-minibatches", "2", "--vf-iters", "1"],
+}
+
+
+@pytest.mark.parametrize("RunningMeanStd", scripts_defining("RunningMeanStd"))
+def test_observation_statistics_count_every_observation_final_ones_included(RunningMeanStd, tmp_path, monkeypatch):
+    """The observation statistics are merged from exactly the observations the envs returned, in order: the
+    reset batch, then per step the final observation of every episode that ended (before the reset
+    observation that replaces it in the step's batch), then the step's batch."""
+    import sys
+
+    import gymnasium as gym
+
+    script = sys.modules[RunningMeanStd.__module__]
+    returned = []  # every batch of observations the vector env handed back, final observations included
+    real_reset, real_step = gym.vector.SyncVectorEnv.reset, gym.vector.SyncVectorEnv.step
+
+    def reset(self, **kwargs):
+        next_obs, info = real_reset(self, **kwargs)
+        returned.append(np.array(next_obs))
+        return next_obs, info
+
+    def step(self, actions):
+        next_obs, reward, terminated, truncated, info = real_step(self, actions)
+        done = terminated | truncated
+        if done.any():
+            returned.append(np.stack(info["final_obs"][done]))
+        returned.append(np.array(next_obs))
+        return next_obs, reward, terminated, truncated, info
+
+    merged = []  # every batch merged into the observation statistics (the return statistics have shape ())
+    real_update = RunningMeanStd.update
+
+    def update(self, batch):
+        if self.mean.shape == (3,):
+            merged.append(batch.clone())
+        real_update(self, batch)
+
+    monkeypatch.setattr(gym.vector.SyncVectorEnv, "reset", reset)
+    monkeypatch.setattr(gym.vector.SyncVectorEnv, "step", step)
+    monkeypatch.setattr(RunningMeanStd, "update", update)
+    monkeypatch.chdir(tmp_path)
+    script.main(["--env-id", "Pendulum-v1", "--total-timesteps", "256", *PENDULUM_ONE_ITERATION[script.__name__]])
+
+    assert len(returned) == 1 + 256 + 1  # the reset batch, 256 steps, the final observation at step 200
+    np.testing.assert_array_equal(torch.cat(merged).numpy(), np.concatenate(returned))

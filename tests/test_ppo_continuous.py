@@ -171,7 +171,8 @@ def test_smoke_pendulum_train_save_and_evaluate(tmp_path, monkeypatch, capsys):
     assert checkpoint["script"] == "ppo_continuous"
     assert checkpoint["args"]["env_id"] == "Pendulum-v1"
     assert checkpoint["obs_rms"]["mean"].shape == (3,) and checkpoint["obs_rms"]["var"].shape == (3,)
-    assert checkpoint["obs_rms"]["count"].item() == 201  # the reset observation and one per step
+    # the reset observation, one per step, and the final observation of the episode that ended at step 200
+    assert checkpoint["obs_rms"]["count"].item() == 202
     assert checkpoint["return_rms"]["count"].item() == 200  # one return per step
     assert "actor_logstd" in checkpoint["model"]
     assert "eval_return_mean" in summary
@@ -337,7 +338,7 @@ gym.register("TupleAction-v0", entry_point=TupleActionEnv)
 def test_time_limit_is_bootstrapped_and_termination_is_not(tmp_path, monkeypatch, env_id, bootstrapped):
     """Every 4th transition ends an episode. At a time limit the reward GAE sees is the scaled reward plus
     gamma * V(normalised s_final), s_final = [0.4] the real last observation (not the reset one [0]),
-    normalised with the statistics of that step; at a termination it is the scaled reward alone."""
+    normalised with the statistics of that step (which count s_final and the reset observation); at a termination it is the scaled reward alone."""
     monkeypatch.chdir(tmp_path)
     agents, seen = [], []
 
@@ -368,6 +369,8 @@ def test_time_limit_is_bootstrapped_and_termination_is_not(tmp_path, monkeypatch
     bootstraps = []
     for t in range(16):
         expected[t] = scaler(torch.ones(1, 1, dtype=torch.float64), ends[t : t + 1])[0]  # one step at a time
+        if ends[t]:  # the final observation [0.4] counts in the statistics, before the reset one
+            obs_rms.update(torch.tensor([[0.4]], dtype=torch.float64))
         obs_rms.update(torch.full((1, 1), ((t + 1) % 4) / 10, dtype=torch.float64))
         if ends[t] and bootstrapped:
             with torch.no_grad():

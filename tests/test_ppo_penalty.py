@@ -341,8 +341,9 @@ def test_smoke_pendulum_train_save_and_evaluate_with_frozen_stats(tmp_path, monk
     assert checkpoint["model"]["actor_logstd"].shape == (1,)
     obs_rms, return_rms = checkpoint["obs_rms"], checkpoint["return_rms"]
     assert obs_rms["mean"].shape == (3,) and return_rms["var"].shape == ()
-    # updated with the reset batch and every step's observations: 2 + 512, exactly (the count starts at 0)
-    assert obs_rms["count"].item() == 514
+    # updated with the reset batch, every step's observations and the final observations of the 2 episodes
+    # that ended (at step 200): 2 + 512 + 2, exactly (the count starts at 0)
+    assert obs_rms["count"].item() == 516
     assert return_rms["count"].item() == 512  # one discounted return per env step
 
     def no_update(self, batch):
@@ -441,8 +442,8 @@ def test_time_limit_is_bootstrapped_and_termination_is_not(tmp_path, monkeypatch
 def test_box_env_scales_rewards_and_bootstraps_on_the_normalised_scale(tmp_path, monkeypatch):
     """Box actions: GAE sees reward / std(discounted return) (per-env accumulator, reset at episode ends), and
     at a time limit + gamma * V(normalised s_final). Replayed here with the script's own RunningMeanStd and
-    RewardScaler: the observations are 0.1, 0.2, 0.3, then the reset 0 (s_final = 0.4 normalised with the
-    stats of that step)."""
+    RewardScaler: the observations are 0.1, 0.2, 0.3, then s_final = 0.4 and the reset 0 both enter the
+    statistics, and s_final is normalised with the statistics of that step."""
     monkeypatch.chdir(tmp_path)
     seen = spy_first_gae(monkeypatch)
     ppo_penalty.main(["--env-id", "PenaltyCountingBoxTruncated-v0", *COUNTING_RUN])
@@ -455,6 +456,8 @@ def test_box_env_scales_rewards_and_bootstraps_on_the_normalised_scale(tmp_path,
         end = torch.full((2,), float(t % 4 == 3))
         expected[t] = scaler(torch.ones(1, 2, dtype=torch.float64), end[None])[0]  # the first ones hit the clip at 10
         next_obs = 0.0 if t % 4 == 3 else (t % 4 + 1) / 10
+        if t % 4 == 3:  # the final observations count too, before the reset ones
+            obs_rms.update(torch.full((2, 1), 0.4, dtype=torch.float64))
         obs_rms.update(torch.full((2, 1), next_obs, dtype=torch.float64))
         if t % 4 == 3:
             final = obs_rms.normalize(torch.tensor([[0.4]], dtype=torch.float64))

@@ -476,7 +476,10 @@ def test_smoke_train_save_and_evaluate(tmp_path, monkeypatch, capsys, env_id):
     checkpoint_path = run_dir / "trpo.pt"
     checkpoint = torch.load(checkpoint_path, weights_only=True)
     assert checkpoint["script"] == "trpo" and checkpoint["args"]["env_id"] == env_id
-    assert checkpoint["obs_rms"]["count"].item() == 256 + 2  # every observation the policy saw, on by default
+    # on by default: the reset batch, every step's observations and the final observation of every episode
+    ended = sum(m["episodes"] for m in metrics)
+    assert (env_id == "CartPole-v1") == (ended > 0)  # CartPole episodes end inside 128 steps, Pendulum's do not
+    assert checkpoint["obs_rms"]["count"].item() == 2 + 256 + ended
     assert checkpoint["return_rms"]["count"].item() == 256  # one discounted return per env step
     assert "eval_return_mean" in summary
 
