@@ -103,7 +103,8 @@ class Args:
     """GAE lambda: 0 is one-step TD, 1 the Monte-Carlo return (sb3-contrib: 0.95; Spinning Up: lam 0.97)"""
     norm_obs: bool = True
     """normalise observations by running mean/std, clipped to +-10 (sb3 VecNormalize, which rl-baselines3-zoo
-    turns on for TRPO on MuJoCo); the statistics are saved in the checkpoint and frozen at evaluation"""
+    turns on for TRPO on MuJoCo, though its statistics skip episodes' final observations and ours count them);
+    the statistics are saved in the checkpoint and frozen at evaluation"""
     norm_reward: bool = True
     """divide rewards by the running std of the discounted return, clipped to +-10 (sb3 VecNormalize)"""
 
