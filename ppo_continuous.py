@@ -697,8 +697,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 if done.any():
                     # Each ended episode's last observation counts in the statistics too, before the reset
                     # one: the states episodes end in (falls, time limits) are real states of the env. cleanrl's
-                    # per-env NormalizeObservation counts them, SB3's VecNormalize does not; counting them scored
-                    # higher on Hopper-v4 in 10 of 12 seeds (benchmarks/RESULTS.md), for reasons not yet known.
+                    # per-env NormalizeObservation counts them, SB3's VecNormalize does not. On Hopper-v4 runs
+                    # that count them ended higher in 11 of 15 paired seeds, but not on average on fresh seeds
+                    # 7-9 (benchmarks/RESULTS.md): no measured harm, a possible gain.
                     obs_rms.update(torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device))
                 obs_rms.update(raw_obs)  # the observations the policy will act on (reset ones included)
                 next_obs = obs_rms.normalize(raw_obs)
