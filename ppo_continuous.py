@@ -695,21 +695,19 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 raw_rewards[step] = torch.from_numpy(reward)
                 raw_obs = torch.as_tensor(next_obs_np, dtype=torch.float64, device=device)
                 if done.any():
-                    # Each ended episode's last observation counts in the statistics too, before the reset
-                    # one: the states episodes end in (falls, time limits) are real states of the env. cleanrl's
-                    # per-env NormalizeObservation counts them, SB3's VecNormalize does not. On Hopper-v4 runs
-                    # that count them ended higher in 11 of 15 paired seeds, but not on average on fresh seeds
-                    # 7-9 (benchmarks/RESULTS.md): no measured harm, a possible gain.
-                    obs_rms.update(torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device))
+                    # The last observations of the episodes that ended (raw_obs holds their reset ones) count
+                    # in the statistics too, before the reset ones: they are real states of the env. cleanrl's
+                    # per-env NormalizeObservation counts them, SB3's VecNormalize does not (measured on
+                    # Hopper-v4: benchmarks/RESULTS.md, no harm, gain unproven).
+                    ended_final = torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device)
+                    obs_rms.update(ended_final)  # [n_ended, obs_dim]
                 obs_rms.update(raw_obs)  # the observations the policy will act on (reset ones included)
                 next_obs = obs_rms.normalize(raw_obs)
-                time_limit = truncated & ~terminated
+                time_limit = truncated & ~terminated  # a subset of done
                 if time_limit.any():
                     mask = torch.as_tensor(time_limit, device=device)
                     truncated_at[step] = mask
-                    final_obs[step, mask] = obs_rms.normalize(
-                        torch.as_tensor(np.stack(info["final_obs"][time_limit]), dtype=torch.float64, device=device)
-                    )
+                    final_obs[step, mask] = obs_rms.normalize(ended_final[time_limit[done]])  # the time-limit ones
 
                 episode_return += reward
                 episode_length += 1

@@ -787,18 +787,20 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             done = terminated | truncated
             dones[step] = torch.from_numpy(done)  # copy_ into the float32 buffer casts (and moves to device)
             raw_rewards[step] = torch.from_numpy(reward)
-            if obs_rms is not None and done.any():
-                # Each ended episode's last observation counts in the statistics too, before the reset one:
-                # the states episodes end in are real states of the env (as in ppo_continuous.py, where
-                # counting them was measured: benchmarks/RESULTS.md).
-                obs_rms.update(torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device))
+            if done.any():
+                # The last observations of the episodes that ended (next_obs_np holds their reset ones); Box
+                # envs count them in the statistics too, before the reset ones: they are real states of the
+                # env (as in ppo_continuous.py, where counting them was measured: benchmarks/RESULTS.md).
+                ended_final = torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device)
+                if obs_rms is not None:
+                    obs_rms.update(ended_final)  # [n_ended, obs_dim]
             next_obs = observe(next_obs_np)
-            time_limit = truncated & ~terminated
+            time_limit = truncated & ~terminated  # a subset of done
             if time_limit.any():
                 mask = torch.as_tensor(time_limit, device=device)
                 truncated_at[step] = mask
                 # normalised with the statistics next_obs was normalised with: V sees its usual input
-                raw_final = torch.as_tensor(np.stack(info["final_obs"][time_limit]), dtype=torch.float64, device=device)
+                raw_final = ended_final[time_limit[done]]  # the time-limit ones
                 final_obs[step, mask] = raw_final.float() if obs_rms is None else obs_rms.normalize(raw_final)
 
             episode_return += reward

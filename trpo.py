@@ -954,7 +954,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
     last_100 = collections.deque(maxlen=100)
 
-    def observe(raw: np.ndarray, update: bool) -> torch.Tensor:
+    def observe(raw: np.ndarray | torch.Tensor, update: bool) -> torch.Tensor:
         """Env observations -> the policy's input: float32 on the device, normalised with running statistics."""
         if obs_rms is None:
             return torch.as_tensor(raw, dtype=torch.float32, device=device)
@@ -983,17 +983,19 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             done = terminated | truncated
             dones[step] = torch.from_numpy(done)  # copy_ into the float32 buffer casts (and moves to device)
             raw_rewards[step] = torch.from_numpy(reward)
-            if obs_rms is not None and done.any():
-                # Each ended episode's last observation counts in the statistics too, before the reset one:
-                # the states episodes end in are real states of the env (as in ppo_continuous.py, where
-                # counting them was measured: benchmarks/RESULTS.md).
-                obs_rms.update(torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device))
+            if done.any():
+                # The last observations of the episodes that ended (next_obs_np holds their reset ones) count
+                # in the statistics too, before the reset ones: they are real states of the env (as in
+                # ppo_continuous.py, where counting them was measured: benchmarks/RESULTS.md).
+                ended_final = torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device)
+                if obs_rms is not None:
+                    obs_rms.update(ended_final)  # [n_ended, obs_dim]
             next_obs = observe(next_obs_np, update=True)
-            time_limit = truncated & ~terminated
+            time_limit = truncated & ~terminated  # a subset of done
             if time_limit.any():
                 truncated_at[step] = torch.as_tensor(time_limit, dtype=torch.float32, device=device)
                 # normalised with the statistics next_obs was normalised with: V sees its usual input
-                final_obs[step, time_limit] = observe(np.stack(info["final_obs"][time_limit]), update=False)
+                final_obs[step, time_limit] = observe(ended_final[time_limit[done]], update=False)
 
             episode_return += reward
             episode_length += 1
