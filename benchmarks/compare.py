@@ -13,6 +13,11 @@ commas. For each group it prints, for --key (default: the last-100 episodic retu
                its shortest seed's last, then mean +- std over seeds (one number for "ahead for most of the run")
   t            Welch's t of the final values against the first group (variances with ddof 1)
 --seeds k ... reads only the files seed<k>.jsonl of those seeds in every group (seeds 1-3 of a six-seed folder).
+  median       (--median) each seed's median of --key over its iterations (e.g. --key kl_exact)
+  reaches      (--reach X) each seed's first step at which --key >= X (e.g. 475 on CartPole)
+With --paired and two groups, each seed file of the first is paired with the file of the same name in the
+folder at the same position of the second (A1,A2 B1,B2: A1 with B1, A2 with B2), and it prints the differences
+of the final values (second minus first), how many are positive, their mean and a one-sided sign test.
 With --first-difference and two groups of our scripts' runs, it also prints, per seed file present in both,
 the first iteration whose metrics (all but time and SPS) differ: where two variants of a script part ways.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -54,12 +60,38 @@ def first_difference(group_a: list[Path], group_b: list[Path]) -> None:
                   f"(step {rows_a[where]['global_step']})")
 
 
+def fmt(x: float) -> str:
+    """Returns to the unit, small quantities (KL, fractions) to 4 significant digits."""
+    return f"{x:.0f}" if abs(x) >= 10 else f"{x:.4g}"
+
+
+def final_value(path: Path, key: str) -> float:
+    return [r[key] for r in map(json.loads, path.read_text().splitlines()) if r.get(key) is not None][-1]
+
+
+def paired(group_a: list[Path], group_b: list[Path], key: str) -> None:
+    if len(group_a) != len(group_b):
+        raise SystemExit("error: --paired needs as many folders in each group")
+    diffs = [final_value(folder_b / path_a.name, key) - final_value(path_a, key)
+             for folder_a, folder_b in zip(group_a, group_b)
+             for path_a in sorted(folder_a.glob("seed*.jsonl")) if (folder_b / path_a.name).exists()]
+    n, higher = len(diffs), sum(d > 0 for d in diffs)
+    # P(at least `higher` of n positive | each sign a fair coin)
+    p = sum(math.comb(n, k) for k in range(higher, n + 1)) / 2**n
+    print(f"paired: {', '.join(f'{d:+.0f}' for d in diffs)}")
+    print(f"  {higher} of {n} higher in the second group, mean difference {np.mean(diffs):+.1f}, "
+          f"one-sided sign test p = {p:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("groups", nargs="+", help="result folders; join several with commas for one group")
     parser.add_argument("--key", default="episodic_return_100")
     parser.add_argument("--at", type=int, nargs="*", default=[], help="steps at which to read the mean curve")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds of every group")
+    parser.add_argument("--median", action="store_true", help="each seed's median of --key over its iterations")
+    parser.add_argument("--reach", type=float, default=None, help="each seed's first step with --key >= this")
+    parser.add_argument("--paired", action="store_true", help="see above; needs exactly two groups")
     parser.add_argument("--first-difference", action="store_true", help="see above; needs exactly two groups")
     args = parser.parse_args()
     groups = [[Path(part) for part in spec.split(",")] for spec in args.groups]
@@ -75,11 +107,21 @@ def main() -> None:
         if args.at:
             at = [np.mean([np.interp(step, s[0], s[2]) for s in seeds]) for step in args.at]
             print(f"  at steps  {' / '.join(f'{x:.0f}' for x in at)} (at {' / '.join(map(str, args.at))})")
-        print(f"  run mean  {run_means.mean():.0f} +- {run_means.std():.0f}")
+        print(f"  run mean  {fmt(run_means.mean())} +- {fmt(run_means.std())}")
+        if args.median:
+            print(f"  median    {', '.join(f'{np.median(value):.4g}' for _, _, value in seeds)}")
+        if args.reach is not None:
+            first = [steps[np.argmax(value >= args.reach)] if (value >= args.reach).any() else None
+                     for steps, _, value in seeds]
+            print(f"  reaches   {args.reach:g} at steps {', '.join('never' if f is None else f'{f:.0f}' for f in first)}")
         if first_finals is None:
             first_finals = finals
         else:
             print(f"  t         {welch_t(finals, first_finals):.2f} (final, against the first group)")
+    if args.paired:
+        if len(groups) != 2:
+            parser.error("--paired compares exactly two groups")
+        paired(*groups, args.key)
     if args.first_difference:
         if len(groups) != 2:
             parser.error("--first-difference compares exactly two groups")
