@@ -45,10 +45,10 @@ def without_clock(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("time", "sps")}
 
 
-def first_difference(group_a: list[Path], group_b: list[Path]) -> None:
+def first_difference(group_a: list[Path], group_b: list[Path], only: list[int] | None) -> None:
     files_b = {p.name: p for folder in group_b for p in folder.glob("seed*.jsonl")}
     for path_a in sorted((p for folder in group_a for p in folder.glob("seed*.jsonl")), key=lambda p: p.name):
-        if path_a.name not in files_b:
+        if path_a.name not in files_b or (only is not None and int(path_a.stem[len("seed"):]) not in only):
             continue
         rows_a, rows_b = ([json.loads(line) for line in p.read_text().splitlines()] for p in (path_a, files_b[path_a.name]))
         pairs = zip(map(without_clock, rows_a), map(without_clock, rows_b))
@@ -126,7 +126,7 @@ def main() -> None:
         if len(groups) != 2:
             parser.error("--first-difference compares exactly two groups")
         print("first difference:")
-        first_difference(*groups)
+        first_difference(*groups, args.seeds)
 
 
 if __name__ == "__main__":
