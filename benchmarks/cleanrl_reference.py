@@ -10,6 +10,9 @@ benchmarks/results/cleanrl_<script>/<env>/):
     seed<k>.jsonl   one line per finished episode: global_step, episodic_return, episodic_return_100 (mean of
                     the last 100 episodes so far) and time (null: cleanrl prints none), so that
                     benchmarks/plot.py draws it beside our runs against steps
+    update_seed<k>.jsonl  one line per iteration: cleanrl's logged entropy, clip fraction, approx KL, explained
+                    variance and value loss (benchmarks/diagnostics.py --export, run with cleanrl's python, which
+                    has tensorboard to read them from cleanrl's event files under work/)
     summary.json    command, seeds, machine, date, per-seed final return, mean and std over seeds
 The final return is defined as for our scripts (benchmarks/run.py): the mean return of a seed's last 100
 episodes; mean +- std (ddof=0) over seeds. Nothing of cleanrl's is copied into this repository.
@@ -100,6 +103,7 @@ def main() -> None:
         "definition": "mean episodic return of the last 100 episodes of each seed; mean and std (ddof=0) over seeds",
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    subprocess.run([args.python, str(ROOT / "benchmarks" / "diagnostics.py"), "--export", str(out)], check=True)
     print(f"{args.env_id}: {summary['final_return_mean']:.2f} +- {summary['final_return_std']:.2f} over seeds {args.seeds}")
 
 

@@ -2,15 +2,18 @@
 of environment steps and over seeds.
 
     R=benchmarks/results
-    <cleanrl venv>/bin/python benchmarks/diagnostics.py $R/cleanrl_ppo_continuous_action/Hopper-v4 \
+    python benchmarks/diagnostics.py $R/cleanrl_ppo_continuous_action/Hopper-v4 \
         $R/mujoco_2.3.7/ppo_continuous/Hopper-v4 --windows 0 50000 150000 300000 500000 750000 1000000
+    <cleanrl venv>/bin/python benchmarks/diagnostics.py --export $R/cleanrl_ppo_continuous_action/Hopper-v4
 
 Final returns are noisy (three seeds of Hopper move by ~500); the diagnostics of the update are not, so two
 scripts that implement the same algorithm should give the same window means here, and a difference points at
 where they part. Arguments are groups, as for plot.py and compare.py (folders joined by commas make one group):
   - a folder of our runs (run.py): the seed*.jsonl metrics are read;
-  - a folder written by cleanrl_reference.py: cleanrl's tensorboard files under work/seed*/runs/ are read, which
-    needs the `tensorboard` package (cleanrl's own venv has it, so run this with that venv's python).
+  - a folder written by cleanrl_reference.py: its update_seed*.jsonl, one line per iteration with the keys below,
+    which --export writes from cleanrl's tensorboard files under work/seed*/runs/ (not committed; reading them
+    needs the `tensorboard` package, which cleanrl's own venv has: run --export with that venv's python). With
+    no update_seed*.jsonl, the tensorboard files are read directly.
 Keys, ours = cleanrl's: entropy = losses/entropy, clipfrac = losses/clipfrac, value_loss = losses/value_loss,
 approx_kl_k3 = losses/approx_kl, explained_variance = losses/explained_variance. Two of them are defined
 slightly differently: cleanrl logs entropy, value loss and approx KL of the LAST minibatch of an update (the KL
@@ -36,22 +39,52 @@ CLEANRL_TAGS = {
 }
 
 
+def read_tensorboard(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """cleanrl's runs in a cleanrl_reference.py folder: seed name -> key -> [iterations, 2] (global_step, value)."""
+    events = sorted(folder.glob("work/seed*/runs/*/events.out.tfevents.*"))
+    if not events:
+        return {}
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        raise SystemExit("error: reading cleanrl's tensorboard files needs `tensorboard`: run this with the "
+                         "python of cleanrl's venv") from None
+    seeds = {}
+    for path in events:
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        seed = path.relative_to(folder / "work").parts[0]  # "seed<k>"
+        seeds[seed] = {k: np.array([(e.step, e.value) for e in acc.Scalars(t)]) for k, t in CLEANRL_TAGS.items()}
+    return seeds
+
+
+def export(folder: Path) -> None:
+    """Write update_seed<k>.jsonl (one line per iteration: global_step and the keys) from the tensorboard files."""
+    seeds = read_tensorboard(folder)
+    if not seeds:
+        raise SystemExit(f"error: no cleanrl tensorboard files under {folder}/work")
+    for seed, series in seeds.items():
+        rows = {}  # global_step -> that iteration's values; cleanrl logs every key once per iteration
+        for key, values in series.items():
+            for step, value in values:
+                # tensorboard stores float32: 7 significant digits keep all of it
+                rows.setdefault(int(step), {"global_step": int(step)})[key] = float(f"{value:.7g}")
+        rows = [rows[step] for step in sorted(rows)]
+        (folder / f"update_{seed}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"{folder / f'update_{seed}.jsonl'}: {len(rows)} iterations")
+
+
 def load(folder: Path) -> list[dict[str, np.ndarray]]:
     """Per seed: key -> [iterations, 2] array of (global_step, value)."""
-    events = sorted(folder.glob("work/seed*/runs/*/events.out.tfevents.*"))
-    if events:  # cleanrl_reference.py's folder
-        try:
-            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-        except ImportError:
-            raise SystemExit("error: reading cleanrl's tensorboard files needs `tensorboard`: run this with the "
-                             "python of cleanrl's venv") from None
-
+    updates = sorted(folder.glob("update_seed*.jsonl"))
+    if updates:  # cleanrl_reference.py's folder, exported
         seeds = []
-        for path in events:
-            acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-            acc.Reload()
-            seeds.append({k: np.array([(e.step, e.value) for e in acc.Scalars(t)]) for k, t in CLEANRL_TAGS.items()})
+        for path in updates:
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            seeds.append({k: np.array([(r["global_step"], r[k]) for r in rows]) for k in CLEANRL_TAGS})
         return seeds
+    if any(folder.glob("work/seed*/runs/*/events.out.tfevents.*")):  # cleanrl_reference.py's folder, not exported
+        return list(read_tensorboard(folder).values())
     seeds = []
     for path in sorted(folder.glob("seed*.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
@@ -61,8 +94,8 @@ def load(folder: Path) -> list[dict[str, np.ndarray]]:
     if not seeds:
         raise SystemExit(f"error: neither seed*.jsonl nor cleanrl tensorboard files in {folder}")
     if not any(len(v) for seed in seeds for v in seed.values()):  # cleanrl_reference.py's per-episode files only
-        raise SystemExit(f"error: no diagnostics in {folder}: for cleanrl's runs they are in the tensorboard files "
-                         "under work/ (not committed); re-run cleanrl_reference.py to get them")
+        raise SystemExit(f"error: no diagnostics in {folder}: for cleanrl's runs, re-run cleanrl_reference.py and "
+                         "then this with --export")
     return seeds
 
 
@@ -71,7 +104,13 @@ def main() -> None:
     parser.add_argument("groups", nargs="+", help="result folders; several joined by commas make one group")
     parser.add_argument("--windows", type=float, nargs="+", default=[0, 50e3, 150e3, 300e3, 500e3, 750e3, 1e6],
                         help="window edges in environment steps; a window is (lo, hi]")
+    parser.add_argument("--export", action="store_true",
+                        help="write update_seed<k>.jsonl into each cleanrl_reference.py folder given, and stop")
     args = parser.parse_args()
+    if args.export:
+        for folder in (Path(f) for g in args.groups for f in g.split(",")):
+            export(folder)
+        return
     edges = list(zip(args.windows[:-1], args.windows[1:]))
     groups = {g: [s for f in g.split(",") for s in load(Path(f))] for g in args.groups}
     print("window means over iterations, then over seeds; windows (k steps): "
