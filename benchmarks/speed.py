@@ -3,7 +3,7 @@
     python benchmarks/speed.py ppo_discrete.py --cleanrl-script ~/cleanrl/cleanrl/ppo.py \
         --cleanrl-python ~/venv-cleanrl/bin/python --total-timesteps 500000 --repeats 2
 
-Runs are sequential and alternate (ours, ours with each --variant's flags, cleanrl, ours, ...) so that drift
+Runs are sequential and alternate (ours, ours with each --variant's flags, each --also script, cleanrl, ours, ...) so that drift
 in the machine's speed hits all alike; nothing else should run meanwhile. Both get the same hyperparameters: their own defaults,
 which are equal by design, plus whatever follows `--` (passed to both). SPS is the final figure each script
 reports (global steps / wall seconds of the training loop). cleanrl runs in its own venv (it pins gymnasium
@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variant", action="append", default=[],
                         help="flags of one more run of ours per repeat (ours only), e.g. --variant=--compile")
+    parser.add_argument("--also", action="append", default=[],
+                        help="another of our scripts, run once per repeat with the same arguments, e.g. --also trpo.py")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/speed_<script>.json)")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -62,12 +64,16 @@ def main() -> None:
 
     ours, theirs = [], []
     variants = {variant: [] for variant in args.variant}
+    also = {script: [] for script in args.also}
     for repeat in range(args.repeats):
         ours.append(run_ours(ROOT / args.script, common))
         print(f"repeat {repeat + 1}: ours {ours[-1]:.0f} SPS", flush=True)
         for variant, sps in variants.items():
             sps.append(run_ours(ROOT / args.script, common + variant.split()))
             print(f"repeat {repeat + 1}: ours {variant} {sps[-1]:.0f} SPS", flush=True)
+        for script, sps in also.items():
+            sps.append(run_ours(ROOT / script, common))
+            print(f"repeat {repeat + 1}: {script} {sps[-1]:.0f} SPS", flush=True)
         theirs.append(run_cleanrl(args.cleanrl_python, args.cleanrl_script, common))
         print(f"repeat {repeat + 1}: cleanrl {theirs[-1]:.0f} SPS", flush=True)
     result = {
@@ -84,6 +90,9 @@ def main() -> None:
             variant: {"ours_sps": sps, "ratio_of_means": float(np.mean(sps) / np.mean(theirs))}
             for variant, sps in variants.items()
         },
+        "also": {
+            script: {"sps": sps, "ratio_of_means": float(np.mean(sps) / np.mean(theirs))} for script, sps in also.items()
+        },
     }
     out = args.out or ROOT / "benchmarks" / "results" / f"speed_{Path(args.script).stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +101,8 @@ def main() -> None:
           f"({args.repeats} alternating runs each); written to {out}")
     for variant, sps in variants.items():
         print(f"ours {variant}: {np.mean(sps):.0f} SPS, ratio {np.mean(sps) / np.mean(theirs):.2f}x")
+    for script, sps in also.items():
+        print(f"{script}: {np.mean(sps):.0f} SPS, ratio {np.mean(sps) / np.mean(theirs):.2f}x")
 
 
 if __name__ == "__main__":
