@@ -697,8 +697,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 if done.any():
                     # The last observations of the episodes that ended (raw_obs holds their reset ones) count
                     # in the statistics too, before the reset ones: they are real states of the env. cleanrl's
-                    # per-env NormalizeObservation counts them, SB3's VecNormalize does not (measured on
-                    # Hopper-v4: benchmarks/RESULTS.md, no harm, gain unproven).
+                    # per-env NormalizeObservation counts them, SB3's VecNormalize does not (on Hopper-v4 no
+                    # effect on returns that fresh seeds can show: benchmarks/RESULTS.md).
                     ended_final = torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device)
                     obs_rms.update(ended_final)  # [n_ended, obs_dim]
                 obs_rms.update(raw_obs)  # the observations the policy will act on (reset ones included)
