@@ -83,8 +83,9 @@ def load(folder: Path) -> list[dict[str, np.ndarray]]:
             rows = [json.loads(line) for line in path.read_text().splitlines()]
             seeds.append({k: np.array([(r["global_step"], r[k]) for r in rows]) for k in CLEANRL_TAGS})
         return seeds
-    if any(folder.glob("work/seed*/runs/*/events.out.tfevents.*")):  # cleanrl_reference.py's folder, not exported
-        return list(read_tensorboard(folder).values())
+    cleanrl_runs = read_tensorboard(folder)  # cleanrl_reference.py's folder, not exported
+    if cleanrl_runs:
+        return list(cleanrl_runs.values())
     seeds = []
     for path in sorted(folder.glob("seed*.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines()]
