@@ -16,8 +16,9 @@ commas. For each group it prints, for --key (default: the last-100 episodic retu
   median       (--median) each seed's median of --key over its iterations (e.g. --key kl_exact)
   reaches      (--reach X) each seed's first step at which --key >= X (e.g. 475 on CartPole)
 With --paired and two groups, each seed file of the first is paired with the file of the same name in the
-folder at the same position of the second (A1,A2 B1,B2: A1 with B1, A2 with B2), and it prints the differences
-of the final values (second minus first), how many are positive, their mean and a one-sided sign test.
+folder at the same position of the second (A1,A2 B1,B2: A1 with B1, A2 with B2; a group of one folder is paired
+with each folder of the other), and it prints the differences of the final values (second minus first), how many
+are positive, their mean, a one-sided sign test and the paired t.
 With --first-difference and two groups of our scripts' runs, it also prints, per seed file present in both,
 the first iteration whose metrics (all but time and SPS) differ: where two variants of a script part ways.
 """
@@ -71,7 +72,13 @@ def final_value(path: Path, key: str) -> float:
 
 def paired(group_a: list[Path], group_b: list[Path], key: str) -> None:
     if len(group_a) != len(group_b):
-        raise SystemExit("error: --paired needs as many folders in each group")
+        if 1 not in (len(group_a), len(group_b)):
+            raise SystemExit("error: --paired needs as many folders in each group, or one folder in one of them")
+        # One folder holding every seed against several folders holding a share each: pair it with each of them.
+        if len(group_a) == 1:
+            group_a = group_a * len(group_b)
+        else:
+            group_b = group_b * len(group_a)
     diffs = [final_value(folder_b / path_a.name, key) - final_value(path_a, key)
              for folder_a, folder_b in zip(group_a, group_b)
              for path_a in sorted(folder_a.glob("seed*.jsonl")) if (folder_b / path_a.name).exists()]
@@ -79,8 +86,9 @@ def paired(group_a: list[Path], group_b: list[Path], key: str) -> None:
     # P(at least `higher` of n positive | each sign a fair coin)
     p = sum(math.comb(n, k) for k in range(higher, n + 1)) / 2**n
     print(f"paired: {', '.join(f'{d:+.0f}' for d in diffs)}")
+    t = np.mean(diffs) / (np.std(diffs, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     print(f"  {higher} of {n} higher in the second group, mean difference {np.mean(diffs):+.1f}, "
-          f"one-sided sign test p = {p:.3f}")
+          f"one-sided sign test p = {p:.3f}, paired t = {t:.2f} ({n - 1} degrees of freedom)")
 
 
 def main() -> None:
