@@ -18,7 +18,8 @@ commas. For each group it prints, for --key (default: the last-100 episodic retu
 With --paired and two groups, each seed file of the first is paired with the file of the same name in the
 folder at the same position of the second (A1,A2 B1,B2: A1 with B1, A2 with B2; a group of one folder is paired
 with each folder of the other), and it prints the differences of the final values (second minus first), how many
-are positive, their mean, a one-sided sign test and the paired t.
+are positive, their mean, a one-sided sign test and the paired t; then the same for the run means (each pair's
+curves averaged over 200 steps spanning what both logged), which a late jump to another gait moves less.
 With --first-difference and two groups of our scripts' runs, it also prints, per seed file present in both,
 the first iteration whose metrics (all but time and SPS) differ: where two variants of a script part ways.
 """
@@ -66,8 +67,20 @@ def fmt(x: float) -> str:
     return f"{x:.0f}" if abs(x) >= 10 else f"{x:.4g}"
 
 
-def final_value(path: Path, key: str) -> float:
-    return [r[key] for r in map(json.loads, path.read_text().splitlines()) if r.get(key) is not None][-1]
+def curve(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(global_step, value) of the iterations of one seed file where `key` is known."""
+    rows = [r for r in map(json.loads, path.read_text().splitlines()) if r.get(key) is not None]
+    return np.array([r["global_step"] for r in rows], dtype=float), np.array([r[key] for r in rows], dtype=float)
+
+
+def print_paired(label: str, diffs: list[float]) -> None:
+    n, higher = len(diffs), sum(d > 0 for d in diffs)
+    # P(at least `higher` of n positive | each sign a fair coin)
+    p = sum(math.comb(n, k) for k in range(higher, n + 1)) / 2**n
+    t = np.mean(diffs) / (np.std(diffs, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    print(f"paired {label}: {', '.join(f'{d:+.0f}' for d in diffs)}")
+    print(f"  {higher} of {n} higher in the second group, mean difference {np.mean(diffs):+.1f}, "
+          f"one-sided sign test p = {p:.3f}, paired t = {t:.2f} ({n - 1} degrees of freedom)")
 
 
 def paired(group_a: list[Path], group_b: list[Path], key: str) -> None:
@@ -79,16 +92,15 @@ def paired(group_a: list[Path], group_b: list[Path], key: str) -> None:
             group_a = group_a * len(group_b)
         else:
             group_b = group_b * len(group_a)
-    diffs = [final_value(folder_b / path_a.name, key) - final_value(path_a, key)
+    pairs = [(curve(path_a, key), curve(folder_b / path_a.name, key))
              for folder_a, folder_b in zip(group_a, group_b)
              for path_a in sorted(folder_a.glob("seed*.jsonl")) if (folder_b / path_a.name).exists()]
-    n, higher = len(diffs), sum(d > 0 for d in diffs)
-    # P(at least `higher` of n positive | each sign a fair coin)
-    p = sum(math.comb(n, k) for k in range(higher, n + 1)) / 2**n
-    print(f"paired: {', '.join(f'{d:+.0f}' for d in diffs)}")
-    t = np.mean(diffs) / (np.std(diffs, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    print(f"  {higher} of {n} higher in the second group, mean difference {np.mean(diffs):+.1f}, "
-          f"one-sided sign test p = {p:.3f}, paired t = {t:.2f} ({n - 1} degrees of freedom)")
+    print_paired("final", [value_b[-1] - value_a[-1] for (_, value_a), (_, value_b) in pairs])
+    run_mean_diffs = []
+    for (steps_a, value_a), (steps_b, value_b) in pairs:
+        grid = np.linspace(max(steps_a[0], steps_b[0]), min(steps_a[-1], steps_b[-1]), 200)
+        run_mean_diffs.append(np.interp(grid, steps_b, value_b).mean() - np.interp(grid, steps_a, value_a).mean())
+    print_paired("run mean", run_mean_diffs)
 
 
 def main() -> None:
