@@ -126,7 +126,7 @@ def main() -> None:
         print(f"  final     {', '.join(f'{f:.1f}' for f in finals)}: {finals.mean():.2f} +- {finals.std():.2f}")
         if args.at:
             at = [np.mean([np.interp(step, s[0], s[2]) for s in seeds]) for step in args.at]
-            print(f"  at steps  {' / '.join(f'{x:.0f}' for x in at)} (at {' / '.join(map(str, args.at))})")
+            print(f"  at steps  {' / '.join(fmt(x) for x in at)} (at {' / '.join(map(str, args.at))})")
         print(f"  run mean  {fmt(run_means.mean())} +- {fmt(run_means.std())}")
         if args.median:
             print(f"  median    {', '.join(f'{np.median(value):.4g}' for _, _, value in seeds)}")
