@@ -73,6 +73,13 @@ def curve(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([r["global_step"] for r in rows], dtype=float), np.array([r[key] for r in rows], dtype=float)
 
 
+def run_means(curves: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Each (steps, value) curve averaged over 200 evenly spaced steps shared by all of them: from the latest
+    first logged step to the earliest last one."""
+    grid = np.linspace(max(steps[0] for steps, _ in curves), min(steps[-1] for steps, _ in curves), 200)
+    return np.array([np.interp(grid, steps, value).mean() for steps, value in curves])
+
+
 def print_paired(label: str, diffs: list[float]) -> None:
     n, higher = len(diffs), sum(d > 0 for d in diffs)
     # P(at least `higher` of n positive | each sign a fair coin)
@@ -96,11 +103,7 @@ def paired(group_a: list[Path], group_b: list[Path], key: str) -> None:
              for folder_a, folder_b in zip(group_a, group_b)
              for path_a in sorted(folder_a.glob("seed*.jsonl")) if (folder_b / path_a.name).exists()]
     print_paired("final", [value_b[-1] - value_a[-1] for (_, value_a), (_, value_b) in pairs])
-    run_mean_diffs = []
-    for (steps_a, value_a), (steps_b, value_b) in pairs:
-        grid = np.linspace(max(steps_a[0], steps_b[0]), min(steps_a[-1], steps_b[-1]), 200)
-        run_mean_diffs.append(np.interp(grid, steps_b, value_b).mean() - np.interp(grid, steps_a, value_a).mean())
-    print_paired("run mean", run_mean_diffs)
+    print_paired("run mean", [mean_b - mean_a for mean_a, mean_b in (run_means(list(pair)) for pair in pairs)])
 
 
 def main() -> None:
@@ -120,14 +123,13 @@ def main() -> None:
     for spec, folders in zip(args.groups, groups):
         seeds = load_seeds(folders, args.key, args.seeds)  # per seed: (steps, time, value)
         finals = np.array([value[-1] for _, _, value in seeds])
-        grid = np.linspace(max(s[0][0] for s in seeds), min(s[0][-1] for s in seeds), 200)
-        run_means = np.array([np.interp(grid, steps, value).mean() for steps, _, value in seeds])
+        means = run_means([(steps, value) for steps, _, value in seeds])
         print(spec)
         print(f"  final     {', '.join(f'{f:.1f}' for f in finals)}: {finals.mean():.2f} +- {finals.std():.2f}")
         if args.at:
             at = [np.mean([np.interp(step, s[0], s[2]) for s in seeds]) for step in args.at]
             print(f"  at steps  {' / '.join(fmt(x) for x in at)} (at {' / '.join(map(str, args.at))})")
-        print(f"  run mean  {fmt(run_means.mean())} +- {fmt(run_means.std())}")
+        print(f"  run mean  {fmt(means.mean())} +- {fmt(means.std())}")
         if args.median:
             print(f"  median    {', '.join(f'{np.median(value):.4g}' for _, _, value in seeds)}")
         if args.reach is not None:
