@@ -305,9 +305,7 @@ class Agent(nn.Module):
 
 
 def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
-    """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
-    next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
-    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs."""
+    """The num_envs envs, stepped in this process with SAME_STEP autoreset (see SameStepVectorEnv)."""
 
     def make_one(index: int):
         def thunk():
@@ -318,9 +316,67 @@ def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
 
         return thunk
 
-    return gym.vector.SyncVectorEnv(
-        [make_one(i) for i in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
+    return SameStepVectorEnv([make_one(i) for i in range(args.num_envs)])
+
+
+class SameStepVectorEnv(gym.vector.VectorEnv):
+    """N envs stepped one after another in this process, with SAME_STEP autoreset: when an episode ends, step()
+    returns the first observation of the next episode and puts the last one in info["final_obs"] (an object
+    array, set where info["_final_obs"]). So obs[t] -> obs[t+1] is never a fake transition from one episode into
+    the next, and a truncated episode can be bootstrapped from its real final observation.
+
+    It returns what gym.vector.SyncVectorEnv(env_fns, autoreset_mode=SAME_STEP) returns (a test compares the two
+    step by step), except that the sub-envs' own info dicts are left out (PPO reads none), and it reports the
+    episodes that ended as gymnasium's RecordEpisodeStatistics does: info["episode"]["r"] and ["l"] where
+    info["_episode"]. Why not SyncVectorEnv itself: its general machinery (info merging, batching dispatched on
+    the space, copies, numpy-scalar actions that the envs' action checks test slowly) costs more per step of 4
+    CartPoles than the physics; this is one plain loop (benchmarks/SPEED.md has the measurements)."""
+
+    def __init__(self, env_fns: list):
+        self.envs = [make() for make in env_fns]
+        self.num_envs = n = len(self.envs)
+        self.single_observation_space = self.envs[0].observation_space
+        self.single_action_space = self.envs[0].action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, n)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, n)
+        self.metadata = {**self.envs[0].metadata, "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+        self.render_mode = self.envs[0].render_mode
+        self._obs = np.zeros((n, *self.single_observation_space.shape), self.single_observation_space.dtype)
+        self._episode_return, self._episode_length = [0.0] * n, [0] * n
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        """Resets every env; env i gets seed + i, as in SyncVectorEnv."""
+        for i, env in enumerate(self.envs):
+            self._obs[i], _ = env.reset(seed=None if seed is None else seed + i, options=options)
+        self._episode_return, self._episode_length = [0.0] * self.num_envs, [0] * self.num_envs
+        return self._obs.copy(), {}
+
+    def step(self, actions: np.ndarray):
+        n = self.num_envs
+        rewards = np.zeros(n)
+        terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        info = {}
+        # tolist(): Python numbers, which the envs' action checks test several times faster than numpy scalars
+        for i, (env, action) in enumerate(zip(self.envs, actions.tolist())):
+            obs, reward, terminated[i], truncated[i], _ = env.step(action)
+            rewards[i] = reward
+            self._episode_return[i] += reward
+            self._episode_length[i] += 1
+            if terminated[i] or truncated[i]:
+                if not info:  # the first episode to end in this step
+                    info = {"final_obs": np.full(n, None, dtype=object), "_final_obs": np.zeros(n, dtype=bool),
+                            "episode": {"r": np.zeros(n), "l": np.zeros(n, dtype=np.int64)},
+                            "_episode": np.zeros(n, dtype=bool)}
+                info["final_obs"][i], info["_final_obs"][i], info["_episode"][i] = obs, True, True
+                info["episode"]["r"][i], info["episode"]["l"][i] = self._episode_return[i], self._episode_length[i]
+                self._episode_return[i], self._episode_length[i] = 0.0, 0
+                obs, _ = env.reset()
+            self._obs[i] = obs
+        return self._obs.copy(), rewards, terminated, truncated, info
+
+    def close_extras(self, **kwargs) -> None:
+        for env in self.envs:
+            env.close()
 
 
 def check_env(env_id: str) -> tuple[int, int]:
@@ -485,8 +541,11 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
     final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes
 
-    # Episode statistics stay on the host, next to the numpy rewards the envs return.
-    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=np.int64)
+    # The rollout is collected in host (numpy) twins of those buffers, then copied into them once, after it:
+    # a numpy write costs a fraction of a torch one, and a GPU gets one transfer per buffer instead of one a step.
+    obs_host, actions_host = np.zeros((T, N, obs_dim), dtype=np.float32), np.zeros((T, N), dtype=np.int64)
+    rewards_host, dones_host = np.zeros((T, N), dtype=np.float32), np.zeros((T, N), dtype=np.float32)
+    truncated_at_host, final_obs_host = np.zeros((T, N), dtype=np.float32), np.zeros((T, N, obs_dim), dtype=np.float32)
     ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
     last_100 = collections.deque(maxlen=100)
 
@@ -498,7 +557,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
         optimizer.param_groups[0]["lr"] = lr
         ended_return.fill(np.nan)
-        truncated_at.zero_()
+        truncated_at_host.fill(0.0)
 
         # ---- rollout: T steps of N envs; per step only the actor runs (the critic runs once, batched, below) ----
         # No autograd in the rollout: inference_mode is entered once around the loop (entering it costs ~8 us a
@@ -506,29 +565,28 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         gumbel = -torch.empty((T, N, n_actions), device=device).exponential_().log()
         with torch.inference_mode():
             for step in range(T):
-                obs[step] = next_obs
-                action = sample_categorical(agent.actor(next_obs), gumbel[step])  # [N], a ~ pi_old(.|s)
-                actions[step] = action
+                obs_host[step] = next_obs_np
+                action = sample_categorical(agent.actor(next_obs), gumbel[step]).cpu().numpy()  # [N], a ~ pi_old(.|s)
+                actions_host[step] = action
 
-                next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
-                global_step += N
-                done = terminated | truncated
-                rewards[step] = torch.from_numpy(reward)  # copy_ into the float32 buffer casts (and moves to device)
-                dones[step] = torch.from_numpy(done)
-                time_limit = truncated & ~terminated
-                if time_limit.any():
-                    mask = torch.as_tensor(time_limit, device=device)
-                    truncated_at[step] = mask
-                    final_obs[step, mask] = torch.as_tensor(
-                        np.stack(info["final_obs"][time_limit]), dtype=torch.float32, device=device
-                    )
+                next_obs_np, reward, terminated, truncated, info = envs.step(action)
+                rewards_host[step] = reward
+                dones_host[step] = terminated | truncated
+                if "_episode" in info:  # an episode ended in some env: keep its statistics (and final obs if truncated)
+                    time_limit = truncated & ~terminated
+                    truncated_at_host[step] = time_limit
+                    if time_limit.any():
+                        final_obs_host[step, time_limit] = np.stack(info["final_obs"][time_limit])
+                    ended = info["_episode"]
+                    ended_return[step, ended] = info["episode"]["r"][ended]
+                    ended_length[step, ended] = info["episode"]["l"][ended]
                 next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
-
-                episode_return += reward
-                episode_length += 1
-                if done.any():
-                    ended_return[step, done], ended_length[step, done] = episode_return[done], episode_length[done]
-                    episode_return[done], episode_length[done] = 0.0, 0
+        global_step += T * N
+        for buffer, host in (
+            (obs, obs_host), (actions, actions_host), (rewards, rewards_host), (dones, dones_host),
+            (truncated_at, truncated_at_host), (final_obs, final_obs_host),
+        ):
+            buffer.copy_(torch.from_numpy(host))  # copy_ casts and moves to the device
 
         # ---- pi_old's log-probs and values for the whole batch, one forward pass ----
         b_obs, b_actions = obs.reshape(batch_size, obs_dim), actions.reshape(-1)

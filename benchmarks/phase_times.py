@@ -46,9 +46,9 @@ COMMON = [
 PER_SCRIPT = {
     "ppo_discrete.py": [
         ("            for step in range(T):\n", "            t0 = pc()\n            for step in range(T):\n                ta = pc()\n"),
-        ("                next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())\n",
-         "                env_action = action.cpu().numpy(); tb = pc(); TT['rollout: policy'] += tb - ta\n"
-         "                next_obs_np, reward, terminated, truncated, info = envs.step(env_action)\n"
+        ("                next_obs_np, reward, terminated, truncated, info = envs.step(action)\n",
+         "                tb = pc(); TT['rollout: policy'] += tb - ta\n"
+         "                next_obs_np, reward, terminated, truncated, info = envs.step(action)\n"
          "                TT['rollout: env.step'] += pc() - tb\n"),
     ],
     "ppo_continuous.py": [

@@ -210,3 +210,44 @@ def test_capture_video_without_moviepy_fails_before_training(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="--capture-video needs moviepy and pygame: pip install moviepy pygame"):
         ppo_discrete.main(TWO_ITERATIONS + ["--capture-video"])
     assert not (tmp_path / "runs").exists() and not (tmp_path / "videos").exists()
+
+
+@pytest.mark.parametrize("env_id,max_episode_steps", [("CartPole-v1", 15), ("Acrobot-v1", 40)])
+def test_same_step_vector_env_returns_what_gymnasium_sync_vector_env_returns(env_id, max_episode_steps):
+    """Step by step under the same random actions: the same observations, rewards, terminations, truncations and
+    final observations as gym.vector.SyncVectorEnv with SAME_STEP autoreset (the envs are seeded alike), and the
+    episode statistics are the sums of the rewards since the last reset. Short time limits, so that both kinds
+    of episode end happen (CartPole terminates under random actions; Acrobot only truncates)."""
+    env_fns = [lambda: gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(3)]
+    ours = ppo_discrete.SameStepVectorEnv(env_fns)
+    theirs = gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    obs, _ = ours.reset(seed=3)
+    np.testing.assert_array_equal(obs, theirs.reset(seed=3)[0])
+    rng = np.random.default_rng(0)
+    episode_return, episode_length = np.zeros(3), np.zeros(3, dtype=np.int64)
+    terminations = truncations = 0
+    for _ in range(300):
+        actions = rng.integers(0, ours.single_action_space.n, size=3)
+        *step, info = ours.step(actions)
+        *expected, expected_info = theirs.step(actions)
+        for got, want in zip(step, expected):  # obs, rewards, terminated, truncated
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+        _, reward, terminated, truncated = step
+        done = terminated | truncated
+        episode_return += reward
+        episode_length += 1
+        assert ("_final_obs" in info) == done.any()
+        if done.any():
+            np.testing.assert_array_equal(info["_final_obs"], expected_info["_final_obs"])
+            for i in np.flatnonzero(done):
+                np.testing.assert_array_equal(info["final_obs"][i], expected_info["final_obs"][i])
+            np.testing.assert_array_equal(info["_episode"], done)
+            np.testing.assert_array_equal(info["episode"]["r"][done], episode_return[done])
+            np.testing.assert_array_equal(info["episode"]["l"][done], episode_length[done])
+            episode_return[done], episode_length[done] = 0.0, 0
+        terminations += int(terminated.sum())
+        truncations += int((truncated & ~terminated).sum())
+    assert truncations > 0 and (terminations > 0 or env_id == "Acrobot-v1")
+    ours.close()
+    theirs.close()
