@@ -251,3 +251,16 @@ def test_same_step_vector_env_returns_what_gymnasium_sync_vector_env_returns(env
     assert truncations > 0 and (terminations > 0 or env_id == "Acrobot-v1")
     ours.close()
     theirs.close()
+
+
+def test_rollout_logits_are_the_actors_logits():
+    """The rollout's hand-applied layers give exactly what the actor module gives, before and after training
+    changes the weights (one Adam step here)."""
+    torch.manual_seed(0)
+    agent = ppo_discrete.Agent(obs_dim=6, n_actions=3)
+    obs = torch.randn(5, 6)
+    torch.testing.assert_close(agent.rollout_logits(obs), agent.actor(obs), rtol=0, atol=0)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=0.1)
+    agent.actor(obs).sum().backward()
+    optimizer.step()
+    torch.testing.assert_close(agent.rollout_logits(obs), agent.actor(obs), rtol=0, atol=0)
