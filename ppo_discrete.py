@@ -80,7 +80,7 @@ class Args:
     learning_rate: float = 2.5e-4
     """Adam step size (typical 1e-4 to 3e-4)"""
     num_envs: int = 4
-    """parallel environments (gymnasium SyncVectorEnv)"""
+    """parallel environments, stepped in turn in this process (SameStepVectorEnv)"""
     num_steps: int = 128
     """steps per env per rollout; batch size = num_envs * num_steps"""
     anneal_lr: bool = True

@@ -4,7 +4,8 @@ SyncVectorEnv(copy=True) (the default: the batched observation is deep-copied ev
 
     python benchmarks/rollout_buffer_writes.py     # ~30 s; run with nothing else on the machine
 
-It runs ppo_discrete.py's rollout loop (actor, Gumbel-max sampling, env step, buffer writes; no episode
+(Written before 285868d, which took the staging and replaced SyncVectorEnv; kept for the figures it gave.)
+It runs ppo_discrete.py's rollout loop as it was up to d24572f (actor, Gumbel-max sampling, env step, buffer writes; no episode
 bookkeeping) on CPU for 128 steps of 4 CartPole-v1 envs, the four variants in turn, 40 rollouts each, and
 prints the median milliseconds per rollout (the first 5 rollouts of each left out).
 """
@@ -60,7 +61,7 @@ def rollout(envs: gym.vector.SyncVectorEnv, next_obs: torch.Tensor, staged: bool
 
 def main() -> None:
     variants = {  # name: (SyncVectorEnv copy, staged)
-        "per-step torch writes, copy=True (as committed)": (True, False),
+        "per-step torch writes, copy=True (the loop up to d24572f)": (True, False),
         "numpy staging, copy=True": (True, True),
         "per-step torch writes, copy=False": (False, False),
         "numpy staging, copy=False": (False, True),
