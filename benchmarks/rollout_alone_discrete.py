@@ -7,7 +7,8 @@ the last ~3 ms per iteration between them go. Median milliseconds per rollout of
 Variants: the committed loop with SameStepVectorEnv over gym.make envs; the same with disable_env_checker=True;
 the same over TimeLimit(unwrapped env) only (so gymnasium's wrappers' share shows); the hand-rolled loop (no
 vector env, unwrapped envs, its own time limit; a measurement, not code to copy). The loop below is a copy of
-the one in ppo_discrete.main (as at commit 170091b): keep them in step when timing a change.
+the one in ppo_discrete.main as at commit 170091b (the figures in SPEED.md), with the actor called
+through tanh_mlp; keep them in step when timing a change.
 """
 import sys
 import time
@@ -44,7 +45,7 @@ def ours(make):
         with torch.inference_mode():
             for step in range(T):
                 obs_host[step] = next_obs_np
-                logits = agent.rollout_logits(next_obs)
+                logits = P.tanh_mlp(next_obs, agent.actor_layers())
                 action = P.sample_categorical(logits, gumbel[step]).cpu().numpy()
                 actions_host[step] = action
                 next_obs_np, reward, terminated, truncated, info = envs.step(action)
