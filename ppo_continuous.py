@@ -432,14 +432,21 @@ class Agent(nn.Module):
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.actor_mean(obs), self.value(obs)  # mean [B, A], value [B]
 
-    def rollout_mean(self, obs: torch.Tensor) -> torch.Tensor:
-        """self.actor_mean(obs), the same numbers, with the three layers applied by hand. The rollout calls the
-        actor once a step on a single observation, where nn.Sequential's six module calls cost more than the
-        arithmetic (benchmarks/SPEED_continuous.md). The update keeps self.actor_mean."""
-        first, _, second, _, head = self.actor_mean
-        hidden = torch.tanh(F.linear(obs, first.weight, first.bias))
-        hidden = torch.tanh(F.linear(hidden, second.weight, second.bias))
-        return F.linear(hidden, head.weight, head.bias)
+    def actor_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The actor mean's (weight, bias) pairs, for tanh_mlp. They are the parameters themselves (Adam updates
+        them in place), so a list taken once stays current."""
+        return [(layer.weight, layer.bias) for layer in self.actor_mean if isinstance(layer, nn.Linear)]
+
+
+def tanh_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The MLP that the (weight, bias) pairs came from, tanh between layers: tanh_mlp(obs, agent.actor_layers())
+    is agent.actor_mean(obs), the same numbers. The rollout calls the actor once a step on one observation, where
+    nn.Sequential's module calls and the lookup of its weights cost more than the arithmetic (benchmarks/
+    SPEED_continuous.md, and ppo_discrete.py's benchmarks/SPEED.md). The update keeps the modules."""
+    *hidden_layers, (weight, bias) = layers
+    for hidden_weight, hidden_bias in hidden_layers:
+        x = torch.tanh(F.linear(x, hidden_weight, hidden_bias))
+    return F.linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -691,10 +698,11 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         with torch.no_grad():
             # std * N(0, 1) noise of every step, drawn at once: the std does not change during the rollout.
             noise = agent.actor_logstd.exp() * torch.randn((T, N, action_dim), device=device)  # [T, N, A]
+            actor_layers = agent.actor_layers()  # tanh_mlp(obs, actor_layers) is agent.actor_mean(obs)
             for step in range(T):
                 obs[step] = next_obs
                 # a ~ N(mean, std^2), unclipped, written straight into the buffer
-                torch.add(agent.rollout_mean(next_obs), noise[step], out=actions[step])  # [N, A]
+                torch.add(tanh_mlp(next_obs, actor_layers), noise[step], out=actions[step])  # [N, A]
                 # Clipped only for the env: the update needs log pi_old of the sample the policy really drew.
                 env_action = torch.clamp(actions[step], action_low, action_high)
 
