@@ -308,9 +308,8 @@ class Agent(nn.Module):
 def tanh_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The MLP that the (weight, bias) pairs came from, tanh between layers: tanh_mlp(obs, agent.actor_layers())
     is agent.actor(obs), the same numbers. The rollout calls the actor once a step on a few observations, where
-    nn.Sequential's module calls and the lookup of its weights cost more than the arithmetic (benchmarks/SPEED.md:
-    policy step 5.7 -> 3.5 ms per iteration on CartPole, and ~3 ms more with the weights looked up once per
-    rollout instead of every step). The update keeps the modules."""
+    nn.Sequential's module calls and the lookup of its weights cost more than the arithmetic; the rollout looks the
+    layers up once (benchmarks/SPEED.md has the measurements). The update keeps the modules."""
     *hidden_layers, (weight, bias) = layers
     for hidden_weight, hidden_bias in hidden_layers:
         x = torch.tanh(F.linear(x, hidden_weight, hidden_bias))
@@ -376,11 +375,11 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
         info = {}
         # tolist(): Python numbers, which the envs' action checks test several times faster than numpy scalars
         for i, (env, action) in enumerate(zip(self.envs, actions.tolist())):
-            obs, reward, terminated[i], truncated[i], _ = env.step(action)
-            rewards[i] = reward
+            obs, reward, env_terminated, env_truncated, _ = env.step(action)
+            rewards[i], terminated[i], truncated[i] = reward, env_terminated, env_truncated
             self._episode_return[i] += reward
             self._episode_length[i] += 1
-            if terminated[i] or truncated[i]:
+            if env_terminated or env_truncated:
                 if not info:  # the first episode to end in this step
                     info = {"final_obs": np.full(n, None, dtype=object), "_final_obs": np.zeros(n, dtype=bool),
                             "episode": {"r": np.zeros(n), "l": np.zeros(n, dtype=np.int64)},

@@ -7,8 +7,9 @@ the last ~3 ms per iteration between them go. Median milliseconds per rollout of
 Variants: the committed loop with SameStepVectorEnv over gym.make envs; the same with disable_env_checker=True;
 the same over TimeLimit(unwrapped env) only (so gymnasium's wrappers' share shows); the hand-rolled loop (no
 vector env, unwrapped envs, its own time limit; a measurement, not code to copy). The loop below is a copy of
-the one in ppo_discrete.main as at commit 170091b (the figures in SPEED.md), with the actor called
-through tanh_mlp; keep them in step when timing a change.
+the one in ppo_discrete.main (as at commit 7346179, the actor's layers looked up once per rollout); keep them in
+step when timing a change. The figures SPEED.md quotes were taken with this file as at c7a726a, when the loop
+still unpacked the actor every step (`git show c7a726a:benchmarks/rollout_alone_discrete.py`).
 """
 import sys
 import time
@@ -42,10 +43,11 @@ def ours(make):
         next_obs_np = state["next_obs_np"]
         next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32)
         gumbel = -torch.empty((T, N, nA)).exponential_().log()
+        actor_layers = agent.actor_layers()
         with torch.inference_mode():
             for step in range(T):
                 obs_host[step] = next_obs_np
-                logits = P.tanh_mlp(next_obs, agent.actor_layers())
+                logits = P.tanh_mlp(next_obs, actor_layers)
                 action = P.sample_categorical(logits, gumbel[step]).cpu().numpy()
                 actions_host[step] = action
                 next_obs_np, reward, terminated, truncated, info = envs.step(action)

@@ -476,3 +476,29 @@ def test_observation_statistics_count_every_observation_final_ones_included(Runn
 
     assert len(returned) == 1 + 256 + 1  # the reset batch, 256 steps, the final observation at step 200
     np.testing.assert_array_equal(torch.cat(merged).numpy(), np.concatenate(returned))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tanh_mlp (the rollout's actor call) and Agent.actor_layers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tanh_mlp", scripts_defining("tanh_mlp"))
+def test_tanh_mlp_on_the_actor_layers_is_the_actor(tanh_mlp):
+    """The rollout's hand-applied layers give exactly what the actor module gives (the first output of
+    Agent.forward: logits or mean), and a layer list taken before an optimiser step still gives the actor after
+    it (the list holds the parameters, updated in place)."""
+    import sys
+
+    agent_class = sys.modules[tanh_mlp.__module__].Agent
+    torch.manual_seed(0)
+    agent = agent_class(6, 3)
+    obs = torch.randn(5, 6)
+    layers = agent.actor_layers()
+    torch.testing.assert_close(tanh_mlp(obs, layers), agent(obs)[0], rtol=0, atol=0)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=0.1, fused=True)
+    before = agent(obs)[0].detach()
+    agent(obs)[0].sum().backward()
+    optimizer.step()
+    assert not torch.equal(agent(obs)[0], before)
+    torch.testing.assert_close(tanh_mlp(obs, layers), agent(obs)[0], rtol=0, atol=0)

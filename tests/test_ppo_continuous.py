@@ -149,22 +149,6 @@ def test_reward_scaler_divides_by_std_of_discounted_return_and_restarts_at_episo
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_tanh_mlp_on_the_actor_layers_is_the_actor_mean():
-    """The rollout's hand-applied layers give exactly what the actor module gives, and a layer list taken before
-    an optimiser step still gives the actor after it (the list holds the parameters, updated in place)."""
-    torch.manual_seed(0)
-    agent = ppo_continuous.Agent(obs_dim=6, action_dim=3)
-    obs = torch.randn(5, 6)
-    layers = agent.actor_layers()
-    torch.testing.assert_close(ppo_continuous.tanh_mlp(obs, layers), agent.actor_mean(obs), rtol=0, atol=0)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=0.1, fused=True)
-    before = agent.actor_mean(obs).detach()
-    agent.actor_mean(obs).sum().backward()
-    optimizer.step()
-    assert not torch.equal(agent.actor_mean(obs), before)
-    torch.testing.assert_close(ppo_continuous.tanh_mlp(obs, layers), agent.actor_mean(obs), rtol=0, atol=0)
-
-
 def test_smoke_pendulum_train_save_and_evaluate(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     summary = ppo_continuous.main(TWO_ITERATIONS + ["--save-model", "--eval-episodes", "2"])

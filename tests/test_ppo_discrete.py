@@ -251,19 +251,3 @@ def test_same_step_vector_env_returns_what_gymnasium_sync_vector_env_returns(env
     assert truncations > 0 and (terminations > 0 or env_id == "Acrobot-v1")
     ours.close()
     theirs.close()
-
-
-def test_tanh_mlp_on_the_actor_layers_is_the_actor():
-    """The rollout's hand-applied layers give exactly what the actor module gives, and a layer list taken before
-    an optimiser step still gives the actor after it (the list holds the parameters, updated in place)."""
-    torch.manual_seed(0)
-    agent = ppo_discrete.Agent(obs_dim=6, n_actions=3)
-    obs = torch.randn(5, 6)
-    layers = agent.actor_layers()
-    torch.testing.assert_close(ppo_discrete.tanh_mlp(obs, layers), agent.actor(obs), rtol=0, atol=0)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=0.1, fused=True)
-    before = agent.actor(obs).detach()
-    agent.actor(obs).sum().backward()
-    optimizer.step()
-    assert not torch.equal(agent.actor(obs), before)
-    torch.testing.assert_close(ppo_discrete.tanh_mlp(obs, layers), agent.actor(obs), rtol=0, atol=0)
