@@ -12,7 +12,8 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
     "Importance sampling"            ratio r_t = pi_theta(a|s) / pi_old(a|s)          -> ppo_clip_loss
     "PPO-Clip: the central trick"    L^CLIP = E[min(r A, clip(r, 1-eps, 1+eps) A)]     -> ppo_clip_loss
     "A complete PPO implementation"  GAE (lambda=0: TD, lambda=1: Monte Carlo)         -> compute_gae
-                                     loss = L^CLIP + c_vf L^V - c_ent H, grad clipping -> main (update)
+                                     loss = L^CLIP + c_vf L^V - c_ent H                -> main (update)
+                                     gradient-norm clipping                            -> clip_grad_norm
     "Debugging checklist"            approx KL, k1 = -log r and k3 = (r-1) - log r     -> approx_kl
                                      explained variance 1 - Var(R - V) / Var(R)        -> explained_variance
                                      advantage normalisation per minibatch             -> normalize_advantages
@@ -202,9 +203,11 @@ def compute_gae(
     decay = gamma * gae_lambda * not_done
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(last_value)
+    # Row views made once (unbind): indexing three tensors every step costs about as much as the step's arithmetic.
+    deltas_t, decays_t, advantages_t = deltas.unbind(0), decay.unbind(0), advantages.unbind(0)
     for t in reversed(range(rewards.shape[0])):
-        next_advantage = deltas[t] + decay[t] * next_advantage
-        advantages[t] = next_advantage
+        next_advantage = deltas_t[t] + decays_t[t] * next_advantage
+        advantages_t[t].copy_(next_advantage)  # advantages_t[t] is a view: this writes row t of advantages
     return advantages, advantages + values
 
 
@@ -268,6 +271,21 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
     var_true = y_true.var(correction=0)
     ev = 1.0 - (y_true - y_pred).var(correction=0) / var_true
     return torch.where(var_true == 0, torch.full_like(ev, float("nan")), ev)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale every gradient by min(1, max_norm / ||g||), where ||g|| is the L2 norm of all the gradients taken as
+    one vector; return ||g|| (before the scaling). Gradient-norm clipping, the cheat sheet's max_grad_norm.
+
+    The same numbers as torch.nn.utils.clip_grad_norm_(params, max_norm) (a test compares them exactly), written
+    out because for a few small tensors its general machinery (grouping the tensors by device and dtype) costs
+    more than the arithmetic (benchmarks/SPEED.md)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)  # 1e-6 as in torch: no division by zero
+    for g in grads:
+        g.mul_(scale)
+    return total_norm
 
 
 def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -437,12 +455,17 @@ class Agent(nn.Module):
         them in place), so a list taken once stays current."""
         return [(layer.weight, layer.bias) for layer in self.actor_mean if isinstance(layer, nn.Linear)]
 
+    def critic_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The critic's (weight, bias) pairs: tanh_mlp(obs, agent.critic_layers()).squeeze(-1) is agent.value(obs)."""
+        return [(layer.weight, layer.bias) for layer in self.critic if isinstance(layer, nn.Linear)]
+
 
 def tanh_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The MLP that the (weight, bias) pairs came from, tanh between layers: tanh_mlp(obs, agent.actor_layers())
-    is agent.actor_mean(obs), the same numbers. The rollout calls the actor once a step on one observation, where
-    nn.Sequential's module calls and the lookup of its weights cost more than the arithmetic (benchmarks/
-    SPEED_continuous.md, and ppo_discrete.py's benchmarks/SPEED.md). The update keeps the modules."""
+    is agent.actor_mean(obs), the same numbers. The rollout calls the actor once a step on one observation, and the
+    update calls both networks once a minibatch; there nn.Sequential's module calls and the lookup of its weights
+    cost more than the arithmetic, so main looks the layers up once (benchmarks/SPEED_continuous.md, and
+    ppo_discrete.py's benchmarks/SPEED.md). Calls made once an iteration keep the modules."""
     *hidden_layers, (weight, bias) = layers
     for hidden_weight, hidden_bias in hidden_layers:
         x = torch.tanh(F.linear(x, hidden_weight, hidden_bias))
@@ -641,7 +664,10 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
 
     envs = make_envs(args, run_name)
     agent = Agent(obs_dim, action_dim).to(device)
-    params = list(agent.parameters())  # listed once: clip_grad_norm_ walks this every minibatch
+    params = list(agent.parameters())  # listed once: clip_grad_norm walks this every minibatch
+    # The networks' (weight, bias) pairs for tanh_mlp, looked up once: they are the parameters themselves, which
+    # Adam updates in place, so the lists stay current for the whole run.
+    actor_layers, critic_layers = agent.actor_layers(), agent.critic_layers()
     # fused=True: one kernel for the whole Adam step instead of several per parameter (same arithmetic).
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
     action_low = torch.as_tensor(action_low_np, dtype=torch.float32, device=device)  # [A]
@@ -652,7 +678,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     def minibatch_loss(obs, actions, old_logprobs, advantages, old_values, returns):
         """The loss of one minibatch, -L^CLIP + c_vf L^V - c_ent H, with its statistics [5] (policy loss, value
         loss, entropy, clipfrac, loss) and, with --target-kl, the approx KL (k3) of the policy before the step."""
-        mean, new_values = agent(obs)
+        mean = tanh_mlp(obs, actor_layers)  # [M, A], agent.actor_mean(obs)
+        new_values = tanh_mlp(obs, critic_layers).squeeze(-1)  # [M], agent.value(obs)
         new_logprob = gaussian_log_prob(mean, agent.actor_logstd, actions)
         if args.norm_adv:
             advantages = normalize_advantages(advantages)
@@ -698,7 +725,6 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         with torch.no_grad():
             # std * N(0, 1) noise of every step, drawn at once: the std does not change during the rollout.
             noise = agent.actor_logstd.exp() * torch.randn((T, N, action_dim), device=device)  # [T, N, A]
-            actor_layers = agent.actor_layers()  # tanh_mlp(obs, actor_layers) is agent.actor_mean(obs)
             for step in range(T):
                 obs[step] = next_obs
                 # a ~ N(mean, std^2), unclipped, written straight into the buffer
@@ -769,9 +795,10 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 if kl_now is not None and kl_now.item() > args.target_kl:
                     stop = True  # the policy as it is now is already past the target on this minibatch: no step
                     break
-                optimizer.zero_grad(set_to_none=True)
+                for param in params:  # what optimizer.zero_grad(set_to_none=True) does, without its per-call hooks
+                    param.grad = None
                 loss.backward()
-                nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
+                clip_grad_norm(params, args.max_grad_norm)
                 optimizer.step()
                 stats.append(mb_stats)
             if stop:

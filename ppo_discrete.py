@@ -10,7 +10,8 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
     "Importance sampling"            ratio r_t = pi_theta(a|s) / pi_old(a|s)          -> ppo_clip_loss
     "PPO-Clip: the central trick"    L^CLIP = E[min(r A, clip(r, 1-eps, 1+eps) A)]     -> ppo_clip_loss
     "A complete PPO implementation"  GAE (lambda=0: TD, lambda=1: Monte Carlo)         -> compute_gae
-                                     loss = L^CLIP + c_vf L^V - c_ent H, grad clipping -> main (update)
+                                     loss = L^CLIP + c_vf L^V - c_ent H                -> main (update)
+                                     gradient-norm clipping                            -> clip_grad_norm
     "Debugging checklist"            approx KL, k1 = -log r and k3 = (r-1) - log r     -> approx_kl
                                      explained variance 1 - Var(R - V) / Var(R)        -> explained_variance
                                      advantage normalisation per minibatch             -> normalize_advantages
@@ -173,9 +174,11 @@ def compute_gae(
     decay = gamma * gae_lambda * not_done
     advantages = torch.zeros_like(rewards)
     next_advantage = torch.zeros_like(last_value)
+    # Row views made once (unbind): indexing three tensors every step costs about as much as the step's arithmetic.
+    deltas_t, decays_t, advantages_t = deltas.unbind(0), decay.unbind(0), advantages.unbind(0)
     for t in reversed(range(rewards.shape[0])):
-        next_advantage = deltas[t] + decay[t] * next_advantage
-        advantages[t] = next_advantage
+        next_advantage = deltas_t[t] + decays_t[t] * next_advantage
+        advantages_t[t].copy_(next_advantage)  # advantages_t[t] is a view: this writes row t of advantages
     return advantages, advantages + values
 
 
@@ -241,6 +244,21 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
     return torch.where(var_true == 0, torch.full_like(ev, float("nan")), ev)
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale every gradient by min(1, max_norm / ||g||), where ||g|| is the L2 norm of all the gradients taken as
+    one vector; return ||g|| (before the scaling). Gradient-norm clipping, the cheat sheet's max_grad_norm.
+
+    The same numbers as torch.nn.utils.clip_grad_norm_(params, max_norm) (a test compares them exactly), written
+    out because for a few small tensors its general machinery (grouping the tensors by device and dtype) costs
+    more than the arithmetic (benchmarks/SPEED.md)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)  # 1e-6 as in torch: no division by zero
+    for g in grads:
+        g.mul_(scale)
+    return total_norm
+
+
 def categorical_logprob_entropy(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(a|s) of the given actions and the entropy of pi(.|s), from logits [B, A] and actions [B].
     Written out instead of torch.distributions.Categorical: same numbers, a third of the overhead per call."""
@@ -304,12 +322,17 @@ class Agent(nn.Module):
         in place), so a list taken once stays current."""
         return [(layer.weight, layer.bias) for layer in self.actor if isinstance(layer, nn.Linear)]
 
+    def critic_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The critic's (weight, bias) pairs: tanh_mlp(obs, agent.critic_layers()).squeeze(-1) is agent.value(obs)."""
+        return [(layer.weight, layer.bias) for layer in self.critic if isinstance(layer, nn.Linear)]
+
 
 def tanh_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The MLP that the (weight, bias) pairs came from, tanh between layers: tanh_mlp(obs, agent.actor_layers())
-    is agent.actor(obs), the same numbers. The rollout calls the actor once a step on a few observations, where
-    nn.Sequential's module calls and the lookup of its weights cost more than the arithmetic; the rollout looks the
-    layers up once (benchmarks/SPEED.md has the measurements). The update keeps the modules."""
+    is agent.actor(obs), the same numbers. The rollout calls the actor once a step on a few observations, and the
+    update calls both networks once a minibatch; there nn.Sequential's module calls and the lookup of its weights
+    cost more than the arithmetic, so main looks the layers up once (benchmarks/SPEED.md has the measurements).
+    Calls made once an iteration keep the modules."""
     *hidden_layers, (weight, bias) = layers
     for hidden_weight, hidden_bias in hidden_layers:
         x = torch.tanh(F.linear(x, hidden_weight, hidden_bias))
@@ -545,7 +568,10 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
 
     envs = make_envs(args, run_name)
     agent = Agent(obs_dim, n_actions).to(device)
-    params = list(agent.parameters())  # listed once: clip_grad_norm_ walks this every minibatch
+    params = list(agent.parameters())  # listed once: clip_grad_norm walks this every minibatch
+    # The networks' (weight, bias) pairs for tanh_mlp, looked up once: they are the parameters themselves, which
+    # Adam updates in place, so the lists stay current for the whole run.
+    actor_layers, critic_layers = agent.actor_layers(), agent.critic_layers()
     # fused=True: one kernel for the whole Adam step instead of several per parameter (same arithmetic).
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
 
@@ -580,7 +606,6 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         # No autograd in the rollout: inference_mode is entered once around the loop (entering it costs ~8 us a
         # step), and the Gumbel noise of all T sampling steps is drawn in one call.
         gumbel = -torch.empty((T, N, n_actions), device=device).exponential_().log()
-        actor_layers = agent.actor_layers()
         with torch.inference_mode():
             for step in range(T):
                 obs_host[step] = next_obs_np
@@ -630,7 +655,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             )
             for start in range(0, batch_size, minibatch_size):
                 mb = slice(start, start + minibatch_size)
-                logits, new_values = agent(e_obs[mb])
+                mb_obs = e_obs[mb]
+                logits = tanh_mlp(mb_obs, actor_layers)  # [M, A], agent.actor(mb_obs)
+                new_values = tanh_mlp(mb_obs, critic_layers).squeeze(-1)  # [M], agent.value(mb_obs)
                 new_logprob, entropy = categorical_logprob_entropy(logits, e_actions[mb])
                 if args.target_kl is not None:
                     # KL of the policy as it is now, on this minibatch: past the target, stop before stepping.
@@ -644,9 +671,10 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 entropy_mean = entropy.mean()
                 loss = pg_loss - args.ent_coef * entropy_mean + args.vf_coef * v_loss
 
-                optimizer.zero_grad(set_to_none=True)
+                for param in params:  # what optimizer.zero_grad(set_to_none=True) does, without its per-call hooks
+                    param.grad = None
                 loss.backward()
-                nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
+                clip_grad_norm(params, args.max_grad_norm)
                 optimizer.step()
                 stats.append(torch.stack([pg_loss, v_loss, entropy_mean, clipfrac, loss]).detach())
             if stop:
@@ -654,7 +682,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
 
         # ---- diagnostics: one host sync per iteration ----
         with torch.no_grad():
-            logits, _ = agent(b_obs)
+            logits = agent.actor(b_obs)
             kl_k1, kl_k3 = approx_kl(categorical_logprob_entropy(logits, b_actions)[0], b_logprobs)
             ev = explained_variance(b_values, b_returns)
         names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss")

@@ -479,7 +479,7 @@ def test_observation_statistics_count_every_observation_final_ones_included(Runn
 
 
 # ---------------------------------------------------------------------------------------------------------
-# tanh_mlp (the rollout's actor call) and Agent.actor_layers
+# tanh_mlp (the networks called on their looked-up layers) and Agent.actor_layers / critic_layers
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -502,3 +502,58 @@ def test_tanh_mlp_on_the_actor_layers_is_the_actor(tanh_mlp):
     optimizer.step()
     assert not torch.equal(agent(obs)[0], before)
     torch.testing.assert_close(tanh_mlp(obs, layers), agent(obs)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tanh_mlp", scripts_defining("tanh_mlp"))
+def test_tanh_mlp_on_the_critic_layers_is_the_value(tanh_mlp):
+    """The same for the critic: tanh_mlp(obs, agent.critic_layers()).squeeze(-1) is agent.value(obs), exactly,
+    before and after an optimiser step, and so is its gradient (the update backpropagates through it)."""
+    import sys
+
+    agent_class = sys.modules[tanh_mlp.__module__].Agent
+    torch.manual_seed(0)
+    agent = agent_class(6, 3)
+    obs = torch.randn(5, 6)
+    layers = agent.critic_layers()
+    torch.testing.assert_close(tanh_mlp(obs, layers).squeeze(-1), agent.value(obs), rtol=0, atol=0)
+    params = list(agent.critic.parameters())
+    by_module = torch.autograd.grad(agent.value(obs).square().sum(), params)
+    by_layers = torch.autograd.grad(tanh_mlp(obs, layers).squeeze(-1).square().sum(), params)
+    for a, b in zip(by_module, by_layers):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=0.1, fused=True)
+    before = agent.value(obs).detach()
+    agent.value(obs).sum().backward()
+    optimizer.step()
+    assert not torch.equal(agent.value(obs), before)
+    torch.testing.assert_close(tanh_mlp(obs, layers).squeeze(-1), agent.value(obs), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# clip_grad_norm
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clip_grad_norm", scripts_defining("clip_grad_norm"))
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])  # clipping, and a norm below the bound (nothing changes)
+def test_clip_grad_norm_is_torchs(clip_grad_norm, max_norm):
+    """The same gradients and the same returned norm as torch.nn.utils.clip_grad_norm_, to the last bit;
+    a parameter without a gradient is skipped, as torch skips it."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 4), (64,), (64, 64), (64,), (2, 64), (2,), (3,)]
+    grads = [torch.randn(shape, generator=g) * 3 for shape in shapes]
+    ours = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    theirs = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    for p, q, grad in list(zip(ours, theirs, grads))[:-1]:  # the last parameter has no gradient
+        p.grad, q.grad = grad.clone(), grad.clone()
+    norm = clip_grad_norm(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert norm.item() > 0.5
+    torch.testing.assert_close(norm, expected, rtol=0, atol=0)
+    for p, q in zip(ours, theirs):
+        if q.grad is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    total = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in ours[:-1]]))
+    assert total.item() == pytest.approx(min(max_norm, norm.item()), rel=1e-5)
