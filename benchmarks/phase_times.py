@@ -5,10 +5,11 @@
     python benchmarks/phase_times.py ppo_discrete.py -- --total-timesteps 102400
 
 It copies the script to a temporary folder with time.perf_counter() calls inserted around each phase (the
-rollout's policy step, env.step and observation handling; the batched forward + GAE; the update's loss, zeroing the grads,
-backward, clip_grad_norm and Adam step), runs it there with the arguments after `--`, and prints the mean
-milliseconds per iteration of each phase, the first two iterations left out (warm-up, torch.compile). The timers
-cost ~0.2 us each; run it with nothing else on the machine. The script itself is not modified.
+rollout's policy step, env.step and observation handling; the batched forward + GAE; the update's loss,
+zeroing the grads, backward, clip_grad_norm and Adam step), runs it there with the arguments after `--`, and
+prints the mean milliseconds per iteration of each phase, the first two iterations left out (warm-up,
+torch.compile). The timers cost ~0.2 us each; run it with nothing else on the machine. The script itself is not
+modified.
 """
 
 from __future__ import annotations
