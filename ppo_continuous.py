@@ -104,7 +104,7 @@ class Args:
     learning_rate: float = 3e-4
     """Adam step size (typical 1e-4 to 3e-4)"""
     num_envs: int = 1
-    """parallel environments; above 1 they run in subprocesses (gymnasium AsyncVectorEnv)"""
+    """parallel environments; 1 steps in this process (SameStepVectorEnv), more run in subprocesses (AsyncVectorEnv)"""
     num_steps: int = 2048
     """steps per env per rollout; batch size = num_envs * num_steps"""
     anneal_lr: bool = True
@@ -480,10 +480,11 @@ def tanh_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -
 def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
     """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
     next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
-    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs.
-    With more than one env, each runs in its own process (AsyncVectorEnv): MuJoCo physics is most of a step's
-    cost, and this way two envs step on two cores at once. No wrappers: clipping and normalisation happen on
-    the device in main()."""
+    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs. Ended
+    episodes' returns and lengths come in info["episode"] (RecordEpisodeStatistics' keys).
+    One env (the default) steps in this process (SameStepVectorEnv). More than one run each in its own process
+    (AsyncVectorEnv): MuJoCo physics is most of a step's cost, and this way two envs step on two cores at once.
+    No other wrappers: clipping and normalisation happen on the device in main()."""
 
     def make_one(index: int):
         def thunk():
@@ -494,10 +495,72 @@ def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
 
         return thunk
 
-    vector_env = gym.vector.AsyncVectorEnv if args.num_envs > 1 else gym.vector.SyncVectorEnv
-    return vector_env(
-        [make_one(i) for i in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
+    env_fns = [make_one(i) for i in range(args.num_envs)]
+    if args.num_envs == 1:
+        return SameStepVectorEnv(env_fns)
+    envs = gym.vector.AsyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+class SameStepVectorEnv(gym.vector.VectorEnv):
+    """N envs stepped one after another in this process, with SAME_STEP autoreset: when an episode ends, step()
+    returns the first observation of the next episode and puts the last one in info["final_obs"] (an object
+    array, set where info["_final_obs"]). So obs[t] -> obs[t+1] is never a fake transition from one episode into
+    the next, and a truncated episode can be bootstrapped from its real final observation.
+
+    It returns what gym.vector.SyncVectorEnv(env_fns, autoreset_mode=SAME_STEP) returns (a test compares the two
+    step by step), except that the sub-envs' own info dicts are left out (PPO reads none), and it reports the
+    episodes that ended as gymnasium's RecordEpisodeStatistics does: info["episode"]["r"] and ["l"] where
+    info["_episode"]. Why not SyncVectorEnv itself: its general machinery (info merging, batching dispatched on
+    the space, copies) costs more than this plain loop: ~19 us more per HalfCheetah step timed alone, and ~100 of
+    ~800 ms per 2,048-step training iteration (benchmarks/SPEED_continuous.md). ppo_discrete.py has the same
+    class, apart from the actions: there Python ints, here each env's float32 row, as SyncVectorEnv hands it
+    (MuJoCo's control cost squares the action, so float64 numbers would change the rewards' last bits)."""
+
+    def __init__(self, env_fns: list):
+        self.envs = [make() for make in env_fns]
+        self.num_envs = n = len(self.envs)
+        self.single_observation_space = self.envs[0].observation_space
+        self.single_action_space = self.envs[0].action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, n)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, n)
+        self.metadata = {**self.envs[0].metadata, "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+        self.render_mode = self.envs[0].render_mode
+        self._obs = np.zeros((n, *self.single_observation_space.shape), self.single_observation_space.dtype)
+        self._episode_return, self._episode_length = [0.0] * n, [0] * n
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        """Resets every env; env i gets seed + i, as in SyncVectorEnv."""
+        for i, env in enumerate(self.envs):
+            self._obs[i], _ = env.reset(seed=None if seed is None else seed + i, options=options)
+        self._episode_return, self._episode_length = [0.0] * self.num_envs, [0] * self.num_envs
+        return self._obs.copy(), {}
+
+    def step(self, actions: np.ndarray):
+        n = self.num_envs
+        rewards = np.zeros(n)
+        terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        info = {}
+        for i, (env, action) in enumerate(zip(self.envs, actions)):  # action: a row [A], as SyncVectorEnv gives it
+            obs, reward, env_terminated, env_truncated, _ = env.step(action)
+            rewards[i], terminated[i], truncated[i] = reward, env_terminated, env_truncated
+            self._episode_return[i] += reward
+            self._episode_length[i] += 1
+            if env_terminated or env_truncated:
+                if not info:  # the first episode to end in this step
+                    info = {"final_obs": np.full(n, None, dtype=object), "_final_obs": np.zeros(n, dtype=bool),
+                            "episode": {"r": np.zeros(n), "l": np.zeros(n, dtype=np.int64)},
+                            "_episode": np.zeros(n, dtype=bool)}
+                info["final_obs"][i], info["_final_obs"][i], info["_episode"][i] = obs, True, True
+                info["episode"]["r"][i], info["episode"]["l"][i] = self._episode_return[i], self._episode_length[i]
+                self._episode_return[i], self._episode_length[i] = 0.0, 0
+                obs, _ = env.reset()
+            self._obs[i] = obs
+        return self._obs.copy(), rewards, terminated, truncated, info
+
+    def close_extras(self, **kwargs) -> None:
+        for env in self.envs:
+            env.close()
 
 
 def check_env(env_id: str) -> tuple[int, int, np.ndarray, np.ndarray]:
@@ -703,9 +766,11 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
     truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
     final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes, normalised
+    # What the envs return as numpy (rewards, episode ends) is collected in numpy twins during the rollout and
+    # copied to the device once after it: one copy per buffer instead of one per step (as in ppo_discrete.py).
+    raw_rewards_host, dones_host, truncated_at_host = np.zeros((T, N)), np.zeros((T, N)), np.zeros((T, N))
 
-    # Episode statistics stay on the host, next to the numpy (unscaled) rewards the envs return.
-    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=np.int64)
+    # Episode statistics stay on the host, as the envs report them (unscaled returns).
     ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
     last_100 = collections.deque(maxlen=100)
 
@@ -719,7 +784,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
         optimizer.param_groups[0]["lr"] = lr
         ended_return.fill(np.nan)
-        truncated_at.zero_()
+        truncated_at_host.fill(0.0)
 
         # ---- rollout: T steps of N envs; per step only the actor mean runs (log-probs and values: below) ----
         with torch.no_grad():
@@ -733,31 +798,30 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 env_action = torch.clamp(actions[step], action_low, action_high)
 
                 next_obs_np, reward, terminated, truncated, info = envs.step(env_action.cpu().numpy())
-                global_step += N
-                done = terminated | truncated
-                dones[step] = torch.from_numpy(done)  # copy_ into the float32 buffer casts (and moves to device)
-                raw_rewards[step] = torch.from_numpy(reward)
+                raw_rewards_host[step] = reward
+                dones_host[step] = terminated | truncated
                 raw_obs = torch.as_tensor(next_obs_np, dtype=torch.float64, device=device)
-                if done.any():
+                if "_final_obs" in info:  # an episode ended in some env
                     # The last observations of the episodes that ended (raw_obs holds their reset ones) count
                     # in the statistics too, before the reset ones: they are real states of the env. cleanrl's
                     # per-env NormalizeObservation counts them, SB3's VecNormalize does not (on Hopper-v4 no
                     # effect on returns that fresh seeds can show: benchmarks/RESULTS.md).
-                    ended_final = torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device)
+                    ended = info["_final_obs"]
+                    ended_final = torch.as_tensor(np.stack(info["final_obs"][ended]), dtype=torch.float64, device=device)
                     obs_rms.update(ended_final)  # [n_ended, obs_dim]
                 obs_rms.update(raw_obs)  # the observations the policy will act on (reset ones included)
                 next_obs = obs_rms.normalize(raw_obs)
-                time_limit = truncated & ~terminated  # a subset of done
-                if time_limit.any():
-                    mask = torch.as_tensor(time_limit, device=device)
-                    truncated_at[step] = mask
-                    final_obs[step, mask] = obs_rms.normalize(ended_final[time_limit[done]])  # the time-limit ones
-
-                episode_return += reward
-                episode_length += 1
-                if done.any():
-                    ended_return[step, done], ended_length[step, done] = episode_return[done], episode_length[done]
-                    episode_return[done], episode_length[done] = 0.0, 0
+                if "_final_obs" in info:
+                    time_limit = truncated & ~terminated  # a subset of ended
+                    if time_limit.any():
+                        truncated_at_host[step] = time_limit
+                        mask = torch.as_tensor(time_limit, device=device)
+                        final_obs[step, mask] = obs_rms.normalize(ended_final[time_limit[ended]])  # the time-limit ones
+                    ended_return[step, ended] = info["episode"]["r"][ended]
+                    ended_length[step, ended] = info["episode"]["l"][ended]
+        global_step += T * N
+        for buffer, host in ((raw_rewards, raw_rewards_host), (dones, dones_host), (truncated_at, truncated_at_host)):
+            buffer.copy_(torch.from_numpy(host))  # copy_ casts and moves to the device
 
         # ---- pi_old's log-probs and values for the whole batch, one forward pass ----
         # Exact, not an approximation: the parameters did not change during the rollout, and obs holds the

@@ -5,6 +5,7 @@ Each test runs once per script that defines the function, so the copies stay ide
 
 import math
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -444,8 +445,10 @@ def test_observation_statistics_count_every_observation_final_ones_included(Runn
     import gymnasium as gym
 
     script = sys.modules[RunningMeanStd.__module__]
+    # the vector env the script steps one env with: its own SameStepVectorEnv, or gymnasium's SyncVectorEnv
+    vector_env = getattr(script, "SameStepVectorEnv", gym.vector.SyncVectorEnv)
     returned = []  # every batch of observations the vector env handed back, final observations included
-    real_reset, real_step = gym.vector.SyncVectorEnv.reset, gym.vector.SyncVectorEnv.step
+    real_reset, real_step = vector_env.reset, vector_env.step
 
     def reset(self, **kwargs):
         next_obs, info = real_reset(self, **kwargs)
@@ -468,8 +471,8 @@ def test_observation_statistics_count_every_observation_final_ones_included(Runn
             merged.append(batch.clone())
         real_update(self, batch)
 
-    monkeypatch.setattr(gym.vector.SyncVectorEnv, "reset", reset)
-    monkeypatch.setattr(gym.vector.SyncVectorEnv, "step", step)
+    monkeypatch.setattr(vector_env, "reset", reset)
+    monkeypatch.setattr(vector_env, "step", step)
     monkeypatch.setattr(RunningMeanStd, "update", update)
     monkeypatch.chdir(tmp_path)
     script.main(["--env-id", "Pendulum-v1", "--total-timesteps", "256", *PENDULUM_ONE_ITERATION[script.__name__]])
@@ -562,3 +565,63 @@ def test_clip_grad_norm_is_torchs(clip_grad_norm, max_norm):
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
     total = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in ours[:-1]]))
     assert total.item() == pytest.approx(min(max_norm, norm.item()), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SameStepVectorEnv (ppo_discrete.py, ppo_continuous.py): what gymnasium's SyncVectorEnv(SAME_STEP) returns
+# ---------------------------------------------------------------------------------------------------------
+
+# Short time limits, so that both kinds of episode end happen: CartPole and Hopper terminate under random
+# actions; Acrobot and Pendulum only truncate.
+SAME_STEP_ENVS = {
+    "ppo_discrete": [("CartPole-v1", 15), ("Acrobot-v1", 40)],
+    "ppo_continuous": [("Pendulum-v1", 40), ("Hopper-v4", 40)],
+}
+
+
+def random_actions(space: gym.spaces.Space, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n random actions of the single-env space, batched as the scripts batch theirs."""
+    if isinstance(space, gym.spaces.Discrete):
+        return rng.integers(0, space.n, size=n)
+    return rng.uniform(space.low, space.high, size=(n, *space.shape)).astype(space.dtype)
+
+
+@pytest.mark.parametrize("SameStepVectorEnv", scripts_defining("SameStepVectorEnv"))
+def test_same_step_vector_env_returns_what_gymnasium_sync_vector_env_returns(SameStepVectorEnv):
+    """Step by step under the same random actions: the same observations, rewards, terminations, truncations and
+    final observations as gym.vector.SyncVectorEnv with SAME_STEP autoreset (the envs are seeded alike), and the
+    episode statistics are the sums of the rewards since the last reset."""
+    for env_id, max_episode_steps in SAME_STEP_ENVS[SameStepVectorEnv.__module__]:
+        env_fns = [lambda: gym.make(env_id, max_episode_steps=max_episode_steps) for _ in range(3)]
+        ours = SameStepVectorEnv(env_fns)
+        theirs = gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        obs, _ = ours.reset(seed=3)
+        np.testing.assert_array_equal(obs, theirs.reset(seed=3)[0])
+        rng = np.random.default_rng(0)
+        episode_return, episode_length = np.zeros(3), np.zeros(3, dtype=np.int64)
+        terminations = truncations = 0
+        for _ in range(300):
+            actions = random_actions(ours.single_action_space, 3, rng)
+            *step, info = ours.step(actions)
+            *expected, expected_info = theirs.step(actions)
+            for got, want in zip(step, expected):  # obs, rewards, terminated, truncated
+                assert got.dtype == want.dtype
+                np.testing.assert_array_equal(got, want)
+            _, reward, terminated, truncated = step
+            done = terminated | truncated
+            episode_return += reward
+            episode_length += 1
+            assert ("_final_obs" in info) == done.any()
+            if done.any():
+                np.testing.assert_array_equal(info["_final_obs"], expected_info["_final_obs"])
+                for i in np.flatnonzero(done):
+                    np.testing.assert_array_equal(info["final_obs"][i], expected_info["final_obs"][i])
+                np.testing.assert_array_equal(info["_episode"], done)
+                np.testing.assert_array_equal(info["episode"]["r"][done], episode_return[done])
+                np.testing.assert_array_equal(info["episode"]["l"][done], episode_length[done])
+                episode_return[done], episode_length[done] = 0.0, 0
+            terminations += int(terminated.sum())
+            truncations += int((truncated & ~terminated).sum())
+        assert truncations > 0 and (terminations > 0 or env_id in ("Acrobot-v1", "Pendulum-v1")), env_id
+        ours.close()
+        theirs.close()

@@ -227,8 +227,8 @@ def test_smoke_halfcheetah(tmp_path, monkeypatch):
     assert "eval_return_mean" in json.loads((run_dir / "summary.json").read_text())
 
 
-def test_several_envs_step_in_subprocesses(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def spy_on_make_envs(monkeypatch) -> list:
+    """The vector envs main() makes, in a list."""
     made = []
     original = ppo_continuous.make_envs
 
@@ -237,10 +237,30 @@ def test_several_envs_step_in_subprocesses(tmp_path, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(ppo_continuous, "make_envs", spy_make_envs)
-    ppo_continuous.main(["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "32",
-                         "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps", "128"])
-    assert isinstance(made[0], gym.vector.AsyncVectorEnv)
-    assert [m["global_step"] for m in read_metrics(run_dirs(tmp_path)[0])] == [64, 128]
+    return made
+
+
+def test_several_envs_step_in_subprocesses(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    made = spy_on_make_envs(monkeypatch)
+    ppo_continuous.main(["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "128",
+                         "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps", "512"])
+    assert isinstance(made[0].unwrapped, gym.vector.AsyncVectorEnv)
+    metrics = read_metrics(run_dirs(tmp_path)[0])
+    assert [m["global_step"] for m in metrics] == [256, 512]
+    # Pendulum's episodes end by time limit at step 200: one per env in the second iteration, reported by the
+    # RecordEpisodeStatistics wrapper around the subprocesses
+    assert [m["episodes"] for m in metrics] == [0, 2] and metrics[1]["episodic_length"] == 200
+
+
+def test_one_env_steps_in_this_process(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    made = spy_on_make_envs(monkeypatch)
+    ppo_continuous.main(["--env-id", "Pendulum-v1", "--num-steps", "256", "--num-minibatches", "2",
+                         "--update-epochs", "1", "--total-timesteps", "256"])
+    assert isinstance(made[0], ppo_continuous.SameStepVectorEnv)
+    (metrics,) = read_metrics(run_dirs(tmp_path)[0])
+    assert metrics["episodes"] == 1 and metrics["episodic_length"] == 200
 
 
 def test_same_seed_same_metrics(tmp_path, monkeypatch):
