@@ -583,11 +583,17 @@ class RunningMeanStd:
         self.count = 0.0  # a Python float: exact up to 2^53 samples, and no tensor op per update
 
     def update(self, batch: torch.Tensor) -> None:
-        """Merge batch [B, *shape] (float64 for full precision) into the statistics. In place: 6 tensor ops,
-        since it runs once per environment step."""
+        """Merge batch [B, *shape] (float64 for full precision) into the statistics. In place, in 4-6 tensor
+        ops, since it runs once per environment step."""
+        n = batch.shape[0]
+        self.count += n
+        w = n / self.count
+        if n == 1:  # one env (the default in ppo_continuous): the batch's mean is its row, its variance 0
+            delta = batch[0] - self.mean
+            self.mean.add_(delta, alpha=w)
+            self.var.mul_(1.0 - w).addcmul_(delta, delta, value=w * (1.0 - w))
+            return
         batch_var, batch_mean = torch.var_mean(batch, dim=0, correction=0)
-        self.count += batch.shape[0]
-        w = batch.shape[0] / self.count
         delta = batch_mean - self.mean
         self.mean.add_(delta, alpha=w)
         self.var.mul_(1.0 - w).add_(batch_var, alpha=w).addcmul_(delta, delta, value=w * (1.0 - w))

@@ -326,6 +326,12 @@ def test_running_mean_std_of_streamed_batches_is_that_of_all_data(RunningMeanStd
     assert rms.count == 600  # exact: the count starts at 0, not at a small epsilon
     torch.testing.assert_close(rms.mean, data.mean(0), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(rms.var, data.var(0, correction=0), rtol=1e-12, atol=1e-12)
+    # one row at a time, as one env feeds it every step (update's own path for batches of one)
+    rms = RunningMeanStd((3,), torch.device("cpu"))
+    for row in data[:300]:
+        rms.update(row.unsqueeze(0))
+    torch.testing.assert_close(rms.mean, data[:300].mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rms.var, data[:300].var(0, correction=0), rtol=1e-10, atol=1e-12)
     # the docstring's example
     rms = RunningMeanStd((1,), torch.device("cpu"))
     rms.update(torch.tensor([[1.0], [3.0]], dtype=torch.float64))
