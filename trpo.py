@@ -586,17 +586,18 @@ class RunningMeanStd:
         """Merge batch [B, *shape] (float64 for full precision) into the statistics. In place, in 4-6 tensor
         ops, since it runs once per environment step."""
         n = batch.shape[0]
+        if n == 1:  # one observation (one env, every step): it is the batch's mean, and var_b = 0 drops out
+            batch_mean, batch_var = batch[0], None
+        else:
+            batch_var, batch_mean = torch.var_mean(batch, dim=0, correction=0)
         self.count += n
         w = n / self.count
-        if n == 1:  # one env (the default in ppo_continuous): the batch's mean is its row, its variance 0
-            delta = batch[0] - self.mean
-            self.mean.add_(delta, alpha=w)
-            self.var.mul_(1.0 - w).addcmul_(delta, delta, value=w * (1.0 - w))
-            return
-        batch_var, batch_mean = torch.var_mean(batch, dim=0, correction=0)
         delta = batch_mean - self.mean
         self.mean.add_(delta, alpha=w)
-        self.var.mul_(1.0 - w).add_(batch_var, alpha=w).addcmul_(delta, delta, value=w * (1.0 - w))
+        self.var.mul_(1.0 - w)
+        if batch_var is not None:
+            self.var.add_(batch_var, alpha=w)
+        self.var.addcmul_(delta, delta, value=w * (1.0 - w))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(x - mean) / sqrt(var + 1e-8), clipped to +-10, as float32. Reads the statistics, never updates them."""
