@@ -107,7 +107,7 @@ class Args:
     learning_rate: float = 2.5e-4
     """Adam step size (typical 1e-4 to 3e-4; cleanrl uses 3e-4 for MuJoCo)"""
     num_envs: int = 4
-    """parallel environments (gymnasium SyncVectorEnv)"""
+    """environments, stepped one after another in this process (SameStepVectorEnv)"""
     num_steps: int = 128
     """steps per env per rollout; batch size = num_envs * num_steps"""
     anneal_lr: bool = True
@@ -546,10 +546,72 @@ class Agent(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+class SameStepVectorEnv(gym.vector.VectorEnv):
+    """N envs stepped one after another in this process, with SAME_STEP autoreset: when an episode ends, step()
+    returns the first observation of the next episode and puts the last one in info["final_obs"] (an object
+    array, set where info["_final_obs"]). So obs[t] -> obs[t+1] is never a fake transition from one episode into
+    the next, and a truncated episode can be bootstrapped from its real final observation.
+
+    It returns what gym.vector.SyncVectorEnv(env_fns, autoreset_mode=SAME_STEP) returns (a test compares the two
+    step by step), except that the sub-envs' own info dicts are left out (nothing here reads them), and it also
+    reports the episodes that ended as gymnasium's RecordEpisodeStatistics does (info["episode"]["r"] and ["l"]
+    where info["_episode"]). Why not SyncVectorEnv itself: its general machinery (info merging, batching
+    dispatched on the space, copies) costs ~19 us more per HalfCheetah step than this plain loop
+    (benchmarks/SPEED_continuous.md). The same class as ppo_continuous.py's: each env gets its row of the action
+    array as SyncVectorEnv hands it (an integer for Discrete, a float32 row for Box: MuJoCo's control cost
+    squares the action, so float64 numbers would change the rewards' last bits)."""
+
+    def __init__(self, env_fns: list):
+        self.envs = [make() for make in env_fns]
+        self.num_envs = n = len(self.envs)
+        self.single_observation_space = self.envs[0].observation_space
+        self.single_action_space = self.envs[0].action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, n)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, n)
+        self.metadata = {**self.envs[0].metadata, "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+        self.render_mode = self.envs[0].render_mode
+        self._obs = np.zeros((n, *self.single_observation_space.shape), self.single_observation_space.dtype)
+        self._episode_return, self._episode_length = [0.0] * n, [0] * n
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        """Resets every env; env i gets seed + i, as in SyncVectorEnv."""
+        for i, env in enumerate(self.envs):
+            self._obs[i], _ = env.reset(seed=None if seed is None else seed + i, options=options)
+        self._episode_return, self._episode_length = [0.0] * self.num_envs, [0] * self.num_envs
+        return self._obs.copy(), {}
+
+    def step(self, actions: np.ndarray):
+        n = self.num_envs
+        rewards = np.zeros(n)
+        terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        info = {}
+        for i, (env, action) in enumerate(zip(self.envs, actions)):  # env i's row, as SyncVectorEnv gives it
+            obs, reward, env_terminated, env_truncated, _ = env.step(action)
+            rewards[i], terminated[i], truncated[i] = reward, env_terminated, env_truncated
+            self._episode_return[i] += reward
+            self._episode_length[i] += 1
+            if env_terminated or env_truncated:
+                if not info:  # the first episode to end in this step
+                    info = {"final_obs": np.full(n, None, dtype=object), "_final_obs": np.zeros(n, dtype=bool),
+                            "episode": {"r": np.zeros(n), "l": np.zeros(n, dtype=np.int64)},
+                            "_episode": np.zeros(n, dtype=bool)}
+                info["final_obs"][i], info["_final_obs"][i], info["_episode"][i] = obs, True, True
+                info["episode"]["r"][i], info["episode"]["l"][i] = self._episode_return[i], self._episode_length[i]
+                self._episode_return[i], self._episode_length[i] = 0.0, 0
+                obs, _ = env.reset()
+            self._obs[i] = obs
+        return self._obs.copy(), rewards, terminated, truncated, info
+
+    def close_extras(self, **kwargs) -> None:
+        for env in self.envs:
+            env.close()
+
+
 def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
     """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
     next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
-    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs."""
+    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs.
+    The envs step one after another in this process (SameStepVectorEnv)."""
 
     def make_one(index: int):
         def thunk():
@@ -560,9 +622,7 @@ def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
 
         return thunk
 
-    return gym.vector.SyncVectorEnv(
-        [make_one(i) for i in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
+    return SameStepVectorEnv([make_one(i) for i in range(args.num_envs)])
 
 
 def check_env(env_id: str) -> tuple[int, int, bool]:

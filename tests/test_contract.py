@@ -582,6 +582,8 @@ def test_clip_grad_norm_is_torchs(clip_grad_norm, max_norm):
 SAME_STEP_ENVS = {
     "ppo_discrete": [("CartPole-v1", 15), ("Acrobot-v1", 40)],
     "ppo_continuous": [("Pendulum-v1", 40), ("Hopper-v4", 40)],
+    "trpo": [("CartPole-v1", 15), ("Pendulum-v1", 40), ("Hopper-v4", 40)],
+    "ppo_penalty": [("CartPole-v1", 15), ("Pendulum-v1", 40), ("Hopper-v4", 40)],
 }
 
 
