@@ -826,8 +826,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         obs_rms.update(x)
         return obs_rms.normalize(x)
 
-    # Episode statistics stay on the host, next to the numpy rewards the envs return.
-    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=np.int64)
+    # Episode statistics stay on the host, as SameStepVectorEnv reports them (raw, unscaled returns).
     ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
     last_100 = collections.deque(maxlen=100)
 
@@ -872,11 +871,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 raw_final = ended_final[time_limit[done]]  # the time-limit ones
                 final_obs[step, mask] = raw_final.float() if obs_rms is None else obs_rms.normalize(raw_final)
 
-            episode_return += reward
-            episode_length += 1
-            if done.any():
-                ended_return[step, done], ended_length[step, done] = episode_return[done], episode_length[done]
-                episode_return[done], episode_length[done] = 0.0, 0
+            if done.any():  # the ended episodes' returns and lengths, summed by SameStepVectorEnv
+                ended_return[step, done] = info["episode"]["r"][done]
+                ended_length[step, done] = info["episode"]["l"][done]
 
         # ---- pi_old's distribution parameters, log-probs and values for the whole batch, one forward pass ----
         # (the parameters did not change during the rollout, so this is the policy that sampled the actions)

@@ -1018,8 +1018,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
     final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes, normalised
 
-    # Episode statistics stay on the host, next to the numpy rewards the envs return (raw, unscaled).
-    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=np.int64)
+    # Episode statistics stay on the host, as SameStepVectorEnv reports them (raw, unscaled returns).
     ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
     last_100 = collections.deque(maxlen=100)
 
@@ -1066,11 +1065,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 # normalised with the statistics next_obs was normalised with: V sees its usual input
                 final_obs[step, time_limit] = observe(ended_final[time_limit[done]], update=False)
 
-            episode_return += reward
-            episode_length += 1
-            if done.any():
-                ended_return[step, done], ended_length[step, done] = episode_return[done], episode_length[done]
-                episode_return[done], episode_length[done] = 0.0, 0
+            if done.any():  # the ended episodes' returns and lengths, summed by SameStepVectorEnv
+                ended_return[step, done] = info["episode"]["r"][done]
+                ended_length[step, done] = info["episode"]["l"][done]
 
         # ---- pi_old's log-probs and the critic's values for the whole batch, one forward pass each ----
         b_obs, b_actions = obs.reshape(batch_size, obs_dim), actions.reshape(batch_size, *action_shape)
