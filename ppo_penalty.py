@@ -356,8 +356,22 @@ def update_beta(beta: float, kl: float, kl_target: float) -> float:
     return min(max(beta, BETA_MIN), BETA_MAX)
 
 
+def compute_array(x, device: torch.device):
+    """x (a tensor or a numpy array) in float64, as the running statistics below compute with it: a numpy array
+    on the CPU, a tensor on `device` otherwise. Not a copy where x is a float64 CPU tensor or array already:
+    the array then shares x's memory, so `array += y` changes x.
+
+    Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
+    is all call overhead, ~0.4 us for numpy against ~1-3 us for torch (benchmarks/SPEED_continuous.md). The code
+    that uses these arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip,
+    .mean), so it runs unchanged on a GPU's tensors."""
+    if device.type == "cpu":
+        return np.asarray(x, dtype=np.float64)
+    return torch.as_tensor(x, dtype=torch.float64, device=device)
+
+
 class RunningMeanStd:
-    """Running mean and variance of a stream of batches, on `device`, in float64.
+    """Running mean and variance of a stream of batches: float64 tensors on `device`.
 
     update(batch) merges a batch [B, *shape] with Chan et al.'s parallel formula (the batch form of Welford's
     update), so after any sequence of batches mean and var are those of all the data seen (var with
@@ -368,6 +382,9 @@ class RunningMeanStd:
         mean' = mean + w * delta
         var'  = (1 - w) * var + w * var_b + w * (1 - w) * delta^2
 
+    update() and normalize() run at every env step, so they compute on compute_array views of the tensors
+    (numpy on the CPU, the same memory); the tensors are what is saved, loaded and read.
+
     Example: update([[1.], [3.]]) then update([[5.]]) -> mean 3, var 8/3 (those of [1, 3, 5]).
     """
 
@@ -375,27 +392,36 @@ class RunningMeanStd:
         self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
         self.var = torch.ones(shape, dtype=torch.float64, device=device)
         self.count = 0.0  # a Python float: exact up to 2^53 samples, and no tensor op per update
+        self._views = compute_array(self.mean, device), compute_array(self.var, device)  # what update() changes
 
-    def update(self, batch: torch.Tensor) -> None:
-        """Merge batch [B, *shape] (float64 for full precision) into the statistics. In place, in 4-6 tensor
-        ops, since it runs once per environment step."""
+    def update(self, batch) -> None:
+        """Merge batch [B, *shape] (a tensor or a numpy array; float64 for full precision) into the statistics,
+        in place."""
+        mean, var = self._views
+        batch = compute_array(batch, self.mean.device)
         n = batch.shape[0]
         if n == 1:  # one observation (one env, every step): it is the batch's mean, and var_b = 0 drops out
             batch_mean, batch_var = batch[0], None
         else:
-            batch_var, batch_mean = torch.var_mean(batch, dim=0, correction=0)
+            batch_mean = batch.mean(0)
+            batch_var = ((batch - batch_mean) ** 2).mean(0)
         self.count += n
         w = n / self.count
-        delta = batch_mean - self.mean
-        self.mean.add_(delta, alpha=w)
-        self.var.mul_(1.0 - w)
+        delta = batch_mean - mean
+        mean += w * delta
+        var *= 1.0 - w
         if batch_var is not None:
-            self.var.add_(batch_var, alpha=w)
-        self.var.addcmul_(delta, delta, value=w * (1.0 - w))
+            var += w * batch_var
+        var += (w * (1.0 - w)) * delta**2
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(x - mean) / sqrt(var + 1e-8), clipped to +-10, as float32. Reads the statistics, never updates them."""
-        return ((x - self.mean) / (self.var + NORM_EPS).sqrt()).clamp_(-NORM_CLIP, NORM_CLIP).float()
+    def normalize(self, x) -> torch.Tensor:
+        """(x - mean) / sqrt(var + 1e-8), clipped to +-10, as a float32 tensor on the device. x: a tensor or a
+        numpy array. Reads the statistics, never updates them."""
+        mean, var = self._views
+        z = ((compute_array(x, self.mean.device) - mean) / (var + NORM_EPS) ** 0.5).clip(-NORM_CLIP, NORM_CLIP)
+        if isinstance(z, np.ndarray):
+            return torch.from_numpy(z.astype(np.float32))
+        return z.float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies, as tensors only, so a checkpoint holding it loads with torch.load(weights_only=True)."""
@@ -406,9 +432,9 @@ class RunningMeanStd:
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Copies in (later in-place updates never write into `state`)."""
-        self.mean = state["mean"].to(self.mean.device, torch.float64, copy=True)
-        self.var = state["var"].to(self.var.device, torch.float64, copy=True)
+        """Copies in, into the statistics' own tensors (later in-place updates never write into `state`)."""
+        self.mean.copy_(state["mean"])
+        self.var.copy_(state["var"])
         self.count = float(state["count"])
 
 
@@ -438,13 +464,16 @@ class RewardScaler:
         """rewards (float64, for precision), dones: [T, N], in step order; returns the scaled rewards [T, N]."""
         T, N = rewards.shape
         returns = torch.empty_like(rewards)  # G_t: [T, N]
-        keep = 1.0 - dones.to(rewards.dtype)
-        g = self.returns
+        # T dependent steps on N numbers each: on compute_array views (numpy on the CPU), as RunningMeanStd does
+        r, keep, running, out = (
+            compute_array(x, rewards.device) for x in (rewards, 1.0 - dones.to(rewards.dtype), self.returns, returns)
+        )
+        g = running
         for t in range(T):
-            g = torch.add(rewards[t], g, alpha=self.gamma)  # r_t + gamma * G_{t-1}
-            returns[t] = g
+            g = r[t] + self.gamma * g  # r_t + gamma * G_{t-1}
+            out[t] = g
             g = g * keep[t]
-        self.returns = g
+        running[...] = g  # into self.returns
         # Statistics after each step t: those before the call merged with returns[: t + 1]. Written with prefix
         # sums of the deviations from the old mean, so every step's variance comes out at once, without the
         # cancellation of E[x^2] - E[x]^2: M2 = n_old * var_old + sum(d^2) - sum(d)^2 / n.
@@ -454,8 +483,8 @@ class RewardScaler:
         sum_dev = deviations.sum(dim=1).cumsum(0)  # [T]
         sum_sq = deviations.square().sum(dim=1).cumsum(0)  # [T]
         var = (rms.count * rms.var + sum_sq - sum_dev.square() / counts) / counts  # [T]
-        rms.mean = rms.mean + sum_dev[-1] / counts[-1]
-        rms.var = var[-1].clone()
+        rms.mean += sum_dev[-1] / counts[-1]  # in place: RunningMeanStd computes on views of these tensors
+        rms.var.copy_(var[-1])
         rms.count += T * N
         return (rewards / (var + NORM_EPS).sqrt().unsqueeze(1)).clamp(-NORM_CLIP, NORM_CLIP)
 

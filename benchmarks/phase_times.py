@@ -56,12 +56,10 @@ PER_SCRIPT = {
     ],
     "ppo_continuous.py": [
         ("            for step in range(T):\n", "            t0 = pc()\n            for step in range(T):\n                ta = pc()\n"),
-        ("                next_obs_np, reward, terminated, truncated, info = envs.step(env_action.cpu().numpy())\n",
+        ("                raw_obs, reward, terminated, truncated, info = envs.step(env_action.cpu().numpy())\n",
          "                env_action = env_action.cpu().numpy(); tb = pc(); TT['rollout: policy'] += tb - ta\n"
-         "                next_obs_np, reward, terminated, truncated, info = envs.step(env_action)\n"
-         "                TT['rollout: env.step'] += pc() - tb\n"),
-        ("                raw_obs = torch.as_tensor(next_obs_np, dtype=torch.float64, device=device)\n",
-         "                te = pc()\n                raw_obs = torch.as_tensor(next_obs_np, dtype=torch.float64, device=device)\n"),
+         "                raw_obs, reward, terminated, truncated, info = envs.step(env_action)\n"
+         "                te = pc(); TT['rollout: env.step'] += te - tb\n"),
         ("                next_obs = obs_rms.normalize(raw_obs)\n",
          "                next_obs = obs_rms.normalize(raw_obs)\n                TT['rollout: obs normaliser'] += pc() - te\n"),
         ("            rewards = reward_scaler(raw_rewards, dones).float()",

@@ -383,6 +383,48 @@ def test_running_mean_std_normalize_clips_and_returns_float32(RunningMeanStd):
     assert rms.count == 2  # normalize read the statistics, it did not update them
 
 
+@pytest.mark.parametrize("compute_array", scripts_defining("compute_array"))
+def test_compute_array_is_a_numpy_view_on_the_cpu(compute_array):
+    """On the CPU: numpy, sharing the memory of a float64 tensor or array (writes reach the tensor), a float64
+    copy of anything else."""
+    t = torch.zeros(3, dtype=torch.float64)
+    view = compute_array(t, torch.device("cpu"))
+    view += 2.0
+    assert isinstance(view, np.ndarray) and t.tolist() == [2.0, 2.0, 2.0]
+    x = np.ones(3)
+    assert compute_array(x, torch.device("cpu")) is x
+    converted = compute_array(torch.ones(3, dtype=torch.float32), torch.device("cpu"))
+    assert converted.dtype == np.float64 and converted.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("RunningMeanStd", scripts_defining("RunningMeanStd"))
+def test_running_statistics_compute_the_same_on_tensors_as_on_numpy_views(RunningMeanStd, monkeypatch):
+    """What runs on a GPU (the formulas on tensors) gives what runs on the CPU (on numpy views of them): here
+    both on the CPU, the tensor path by making compute_array return tensors. RewardScaler too."""
+    import sys
+
+    script = sys.modules[RunningMeanStd.__module__]
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(n, 4, generator=g, dtype=torch.float64) * 3 + 1 for n in (1, 5, 1, 1, 8, 2, 1)]
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64) * 4
+    rewards = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    dones = (torch.rand(40, 2, generator=g) < 0.1).float()
+
+    def run():
+        rms, scaler = RunningMeanStd((4,), torch.device("cpu")), script.RewardScaler(2, 0.99, torch.device("cpu"))
+        for batch in batches:
+            rms.update(batch)
+        scaled = torch.cat([scaler(rewards[:15], dones[:15]), scaler(rewards[15:], dones[15:])])
+        return rms.mean, rms.var, rms.normalize(x), scaled, scaler.returns, scaler.return_rms.var
+
+    on_numpy = run()
+    monkeypatch.setattr(script, "compute_array", lambda x, device: torch.as_tensor(x, dtype=torch.float64, device=device))
+    on_tensors = run()
+    assert isinstance(on_numpy[2], torch.Tensor) and on_numpy[2].dtype == on_tensors[2].dtype == torch.float32
+    for a, b in zip(on_numpy, on_tensors):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # the same formulas; sums may round apart
+
+
 @pytest.mark.parametrize("RewardScaler", scripts_defining("RewardScaler"))
 def test_reward_scaler_divides_by_std_of_the_discounted_returns_seen(RewardScaler):
     gamma, T, N = 0.9, 30, 3
@@ -472,9 +514,9 @@ def test_observation_statistics_count_every_observation_final_ones_included(Runn
     merged = []  # every batch merged into the observation statistics (the return statistics have shape ())
     real_update = RunningMeanStd.update
 
-    def update(self, batch):
+    def update(self, batch):  # batch: a tensor, or the envs' numpy array as it came
         if self.mean.shape == (3,):
-            merged.append(batch.clone())
+            merged.append(np.array(batch, dtype=np.float64))  # a copy
         real_update(self, batch)
 
     monkeypatch.setattr(vector_env, "reset", reset)
@@ -484,7 +526,7 @@ def test_observation_statistics_count_every_observation_final_ones_included(Runn
     script.main(["--env-id", "Pendulum-v1", "--total-timesteps", "256", *PENDULUM_ONE_ITERATION[script.__name__]])
 
     assert len(returned) == 1 + 256 + 1  # the reset batch, 256 steps, the final observation at step 200
-    np.testing.assert_array_equal(torch.cat(merged).numpy(), np.concatenate(returned))
+    np.testing.assert_array_equal(np.concatenate(merged), np.concatenate(returned))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -509,7 +551,7 @@ def test_tanh_mlp_on_the_actor_layers_is_the_actor(tanh_mlp):
     by_module = torch.autograd.grad(agent(obs)[0].square().sum(), params)
     by_layers = torch.autograd.grad(tanh_mlp(obs, layers).square().sum(), params)
     for a, b in zip(by_module, by_layers):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # the same formulas; sums may round apart
     optimizer = torch.optim.Adam(agent.parameters(), lr=0.1, fused=True)
     before = agent(obs)[0].detach()
     agent(obs)[0].sum().backward()
@@ -534,7 +576,7 @@ def test_tanh_mlp_on_the_critic_layers_is_the_value(tanh_mlp):
     by_module = torch.autograd.grad(agent.value(obs).square().sum(), params)
     by_layers = torch.autograd.grad(tanh_mlp(obs, layers).squeeze(-1).square().sum(), params)
     for a, b in zip(by_module, by_layers):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # the same formulas; sums may round apart
     optimizer = torch.optim.Adam(agent.parameters(), lr=0.1, fused=True)
     before = agent.value(obs).detach()
     agent.value(obs).sum().backward()
