@@ -29,9 +29,10 @@ The log-prob is that of the unclipped sample, which is what the policy really dr
 Differences from cleanrl's ppo_continuous_action.py, each on purpose (the README says why):
     - a time-limit truncation (every HalfCheetah episode ends by one, at 1000 steps) is bootstrapped with
       gamma * V(final observation) instead of being treated as terminal (gymnasium 1.x SAME_STEP autoreset);
-    - observation normalisation and reward scaling are tensor code on the device, not per-env wrappers; their
-      statistics are saved in the checkpoint and used frozen at evaluation, so a saved agent sees the inputs it
-      was trained on (cleanrl evaluates on fresh wrappers whose statistics start from zero);
+    - observation normalisation and reward scaling are code in this file, not per-env wrappers: their statistics
+      are tensors on the device (on a CPU computed on numpy views of those tensors, see compute_array), saved in
+      the checkpoint and used frozen at evaluation, so a saved agent sees the inputs it was trained on (cleanrl
+      evaluates on fresh wrappers whose statistics start from zero);
     - the reward scaler's discounted-return accumulator restarts at every episode end, truncation included
       (gymnasium 0.29's NormalizeReward, which cleanrl uses, restarts it only at termination, so on HalfCheetah
       never);
@@ -520,7 +521,7 @@ def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
     episodes' returns and lengths come in info["episode"] (RecordEpisodeStatistics' keys).
     One env (the default) steps in this process (SameStepVectorEnv). More than one run each in its own process
     (AsyncVectorEnv): MuJoCo physics is most of a step's cost, and this way two envs step on two cores at once.
-    No other wrappers: clipping and normalisation happen on the device in main()."""
+    No other wrappers: clipping and normalisation happen in main(), their statistics on the device."""
 
     def make_one(index: int):
         def thunk():

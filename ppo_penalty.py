@@ -842,7 +842,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
     final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes
 
-    # Box envs: observation normalisation and reward scaling on the device. The reward is divided by the
+    # Box envs: observation normalisation and reward scaling, statistics on the device. The reward is divided by the
     # running std of each env's discounted return (not of the reward), as gymnasium's NormalizeReward does.
     obs_rms = RunningMeanStd((obs_dim,), device) if not discrete else None
     reward_scaler = RewardScaler(N, args.gamma, device) if not discrete else None

@@ -31,8 +31,8 @@ Differences from Spinning Up's trpo and sb3-contrib's TRPO, each on purpose (the
     - vectorised envs with gymnasium 1.x SAME_STEP autoreset: a time-limit truncation is bootstrapped with
       gamma * V(final observation) (on the normalised scale when rewards are scaled), no update ever uses a
       transition across an autoreset;
-    - observation and reward normalisation run on the device inside the script, are saved in the checkpoint and
-      are frozen when a checkpoint is evaluated (sb3 needs the VecNormalize file saved beside the model);
+    - observation and reward normalisation run inside the script, on statistics kept on the device, saved in the
+      checkpoint and frozen when a checkpoint is evaluated (sb3 needs the VecNormalize file saved beside the model);
     - every piece of the update (CG, Fisher-vector product, line search) is a module-level function that the
       tests call directly, and each iteration logs what the line search did and why.
 """
