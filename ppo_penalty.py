@@ -362,9 +362,10 @@ def compute_array(x, device: torch.device):
     the array then shares x's memory, so `array += y` changes x.
 
     Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
-    is all call overhead, ~0.4 us for numpy against ~1-3 us for torch (benchmarks/SPEED_continuous.md). The code
-    that uses these arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip,
-    .mean), so it runs unchanged on a GPU's tensors."""
+    is all call overhead: 0.3-1.1 us a call for numpy against 1.2-2.2 us for torch
+    (benchmarks/normaliser_cost.py; 18 -> 11 us per step for update + normalize). The code that uses these
+    arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs
+    unchanged on a GPU's tensors."""
     if device.type == "cpu":
         return np.asarray(x, dtype=np.float64)
     return torch.as_tensor(x, dtype=torch.float64, device=device)
@@ -392,7 +393,8 @@ class RunningMeanStd:
         self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
         self.var = torch.ones(shape, dtype=torch.float64, device=device)
         self.count = 0.0  # a Python float: exact up to 2^53 samples, and no tensor op per update
-        self._views = compute_array(self.mean, device), compute_array(self.var, device)  # what update() changes
+        # what update() and normalize() compute on: numpy views of mean and var on the CPU, the tensors elsewhere
+        self._views = compute_array(self.mean, device), compute_array(self.var, device)
 
     def update(self, batch) -> None:
         """Merge batch [B, *shape] (a tensor or a numpy array; float64 for full precision) into the statistics,

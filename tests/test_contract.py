@@ -551,7 +551,7 @@ def test_tanh_mlp_on_the_actor_layers_is_the_actor(tanh_mlp):
     by_module = torch.autograd.grad(agent(obs)[0].square().sum(), params)
     by_layers = torch.autograd.grad(tanh_mlp(obs, layers).square().sum(), params)
     for a, b in zip(by_module, by_layers):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # the same formulas; sums may round apart
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     optimizer = torch.optim.Adam(agent.parameters(), lr=0.1, fused=True)
     before = agent(obs)[0].detach()
     agent(obs)[0].sum().backward()
@@ -576,7 +576,7 @@ def test_tanh_mlp_on_the_critic_layers_is_the_value(tanh_mlp):
     by_module = torch.autograd.grad(agent.value(obs).square().sum(), params)
     by_layers = torch.autograd.grad(tanh_mlp(obs, layers).squeeze(-1).square().sum(), params)
     for a, b in zip(by_module, by_layers):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # the same formulas; sums may round apart
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     optimizer = torch.optim.Adam(agent.parameters(), lr=0.1, fused=True)
     before = agent.value(obs).detach()
     agent.value(obs).sum().backward()
