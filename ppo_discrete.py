@@ -366,11 +366,14 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
     the next, and a truncated episode can be bootstrapped from its real final observation.
 
     It returns what gym.vector.SyncVectorEnv(env_fns, autoreset_mode=SAME_STEP) returns (a test compares the two
-    step by step), except that the sub-envs' own info dicts are left out (PPO reads none), and it reports the
-    episodes that ended as gymnasium's RecordEpisodeStatistics does: info["episode"]["r"] and ["l"] where
-    info["_episode"]. Why not SyncVectorEnv itself: its general machinery (info merging, batching dispatched on
-    the space, copies, numpy-scalar actions that the envs' action checks test slowly) costs more per step of 4
-    CartPoles than the physics; this is one plain loop (benchmarks/SPEED.md has the measurements)."""
+    step by step), except that the sub-envs' own info dicts are left out (nothing here reads them), and it
+    reports the episodes that ended as gymnasium's RecordEpisodeStatistics does: info["episode"]["r"] and ["l"]
+    where info["_episode"]. Each env gets its entry of the action array: a Python int for a Discrete space (the
+    envs' action checks test those faster than numpy integers), the float32 row for a Box, as SyncVectorEnv
+    hands it (MuJoCo's control cost squares the action, so float64 numbers would change the rewards' last bits).
+    Why not SyncVectorEnv itself: its general machinery (info merging, batching dispatched on the space, copies)
+    costs more per step than this plain loop (measured in benchmarks/SPEED.md and SPEED_continuous.md).
+    The same class in every script that steps gymnasium envs."""
 
     def __init__(self, env_fns: list):
         self.envs = [make() for make in env_fns]
@@ -396,8 +399,9 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
         rewards = np.zeros(n)
         terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         info = {}
-        # tolist(): Python numbers, which the envs' action checks test several times faster than numpy scalars
-        for i, (env, action) in enumerate(zip(self.envs, actions.tolist())):
+        if isinstance(self.single_action_space, gym.spaces.Discrete):
+            actions = actions.tolist()
+        for i, (env, action) in enumerate(zip(self.envs, actions)):
             obs, reward, env_terminated, env_truncated, _ = env.step(action)
             rewards[i], terminated[i], truncated[i] = reward, env_terminated, env_truncated
             self._episode_return[i] += reward

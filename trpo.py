@@ -590,7 +590,8 @@ class RunningMeanStd:
         var'  = (1 - w) * var + w * var_b + w * (1 - w) * delta^2
 
     update() and normalize() run at every env step, so they compute on compute_array views of the tensors
-    (numpy on the CPU, the same memory); the tensors are what is saved, loaded and read.
+    (numpy on the CPU, the same memory); the tensors are what is saved, loaded and read. Input of any float
+    dtype, tensor or numpy array; copy.deepcopy and pickle give an independent, working copy.
 
     Example: update([[1.], [3.]]) then update([[5.]]) -> mean 3, var 8/3 (those of [1, 3, 5]).
     """
@@ -599,8 +600,20 @@ class RunningMeanStd:
         self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
         self.var = torch.ones(shape, dtype=torch.float64, device=device)
         self.count = 0.0  # a Python float: exact up to 2^53 samples, and no tensor op per update
-        # what update() and normalize() compute on: numpy views of mean and var on the CPU, the tensors elsewhere
-        self._views = compute_array(self.mean, device), compute_array(self.var, device)
+        self._make_views()
+
+    def _make_views(self) -> None:
+        """What update() and normalize() compute on: numpy views of mean and var on the CPU (the same memory),
+        the tensors themselves elsewhere. mean and var are only ever changed in place, so the views stay valid."""
+        self._views = compute_array(self.mean, self.mean.device), compute_array(self.var, self.var.device)
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle copy the tensors; views of the old tensors must not come along
+        return {key: value for key, value in self.__dict__.items() if key != "_views"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_views()
 
     def update(self, batch) -> None:
         """Merge batch [B, *shape] (a tensor or a numpy array; float64 for full precision) into the statistics,
@@ -669,7 +682,9 @@ class RewardScaler:
         self.return_rms = RunningMeanStd((), device)
 
     def __call__(self, rewards: torch.Tensor, dones: torch.Tensor) -> torch.Tensor:
-        """rewards (float64, for precision), dones: [T, N], in step order; returns the scaled rewards [T, N]."""
+        """rewards, dones: [T, N] tensors of any dtype, in step order; returns the scaled rewards [T, N] as float64
+        on the scaler's device (the returns and their statistics are computed in float64)."""
+        rewards = rewards.to(self.returns.device, torch.float64)  # the loop below writes into views of float64
         T, N = rewards.shape
         returns = torch.empty_like(rewards)  # G_t: [T, N]
         # T dependent steps on N numbers each: on compute_array views (numpy on the CPU), as RunningMeanStd does
@@ -795,13 +810,14 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
     the next, and a truncated episode can be bootstrapped from its real final observation.
 
     It returns what gym.vector.SyncVectorEnv(env_fns, autoreset_mode=SAME_STEP) returns (a test compares the two
-    step by step), except that the sub-envs' own info dicts are left out (nothing here reads them), and it also
-    reports the episodes that ended as gymnasium's RecordEpisodeStatistics does (info["episode"]["r"] and ["l"]
-    where info["_episode"]). Why not SyncVectorEnv itself: its general machinery (info merging, batching
-    dispatched on the space, copies) costs ~19 us more per HalfCheetah step than this plain loop
-    (benchmarks/SPEED_continuous.md). The same class as ppo_continuous.py's: each env gets its row of the action
-    array as SyncVectorEnv hands it (an integer for Discrete, a float32 row for Box: MuJoCo's control cost
-    squares the action, so float64 numbers would change the rewards' last bits)."""
+    step by step), except that the sub-envs' own info dicts are left out (nothing here reads them), and it
+    reports the episodes that ended as gymnasium's RecordEpisodeStatistics does: info["episode"]["r"] and ["l"]
+    where info["_episode"]. Each env gets its entry of the action array: a Python int for a Discrete space (the
+    envs' action checks test those faster than numpy integers), the float32 row for a Box, as SyncVectorEnv
+    hands it (MuJoCo's control cost squares the action, so float64 numbers would change the rewards' last bits).
+    Why not SyncVectorEnv itself: its general machinery (info merging, batching dispatched on the space, copies)
+    costs more per step than this plain loop (measured in benchmarks/SPEED.md and SPEED_continuous.md).
+    The same class in every script that steps gymnasium envs."""
 
     def __init__(self, env_fns: list):
         self.envs = [make() for make in env_fns]
@@ -827,7 +843,9 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
         rewards = np.zeros(n)
         terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         info = {}
-        for i, (env, action) in enumerate(zip(self.envs, actions)):  # env i's row, as SyncVectorEnv gives it
+        if isinstance(self.single_action_space, gym.spaces.Discrete):
+            actions = actions.tolist()
+        for i, (env, action) in enumerate(zip(self.envs, actions)):
             obs, reward, env_terminated, env_truncated, _ = env.step(action)
             rewards[i], terminated[i], truncated[i] = reward, env_terminated, env_truncated
             self._episode_return[i] += reward

@@ -475,6 +475,42 @@ def test_reward_scaler_restarts_the_return_at_episode_end(RewardScaler):
         assert fresh(torch.tensor([[reward]], dtype=torch.float64), torch.zeros(1, 1)).item() == clipped
 
 
+@pytest.mark.parametrize("RewardScaler", scripts_defining("RewardScaler"))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_reward_scaler_takes_any_float_dtype(RewardScaler, dtype):
+    """Paste trap: the return loop writes into views of float64 memory; fed float32 rewards it once wrote into a
+    converted copy and returned uninitialised memory, and corrupted the statistics."""
+    scaler = RewardScaler(1, 0.5, torch.device("cpu"))
+    scaled = scaler(torch.tensor([[2.0], [2.0]], dtype=dtype), torch.zeros(2, 1, dtype=dtype))
+    assert scaled[:, 0].tolist() == pytest.approx([10.0, 4.0], rel=1e-6)  # the docstring's example
+    assert scaler.returns.tolist() == [3.0]
+    assert (scaler.return_rms.mean.item(), scaler.return_rms.var.item()) == pytest.approx((2.5, 0.25), rel=1e-12)
+
+
+@pytest.mark.parametrize("RunningMeanStd", scripts_defining("RunningMeanStd"))
+@pytest.mark.parametrize("duplicate", ["deepcopy", "pickle"])
+def test_running_mean_std_copies_are_independent_and_working(RunningMeanStd, duplicate):
+    """Paste trap: on the CPU the statistics are computed on numpy views of the tensors; a copy must compute on
+    views of its own tensors, so that update() reaches state_dict() and load_state_dict() reaches normalize()."""
+    import copy
+    import pickle
+
+    g = torch.Generator().manual_seed(3)
+    data = torch.randn(40, 3, generator=g, dtype=torch.float64) * 2 + 1
+    rms = RunningMeanStd((3,), torch.device("cpu"))
+    rms.update(data[:10])
+    twin = copy.deepcopy(rms) if duplicate == "deepcopy" else pickle.loads(pickle.dumps(rms))
+    twin.update(data[10:].float())  # float32 in: converted, not refused
+    torch.testing.assert_close(twin.state_dict()["mean"], data.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rms.mean, data[:10].mean(0), rtol=1e-12, atol=1e-12)  # the original is untouched
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    twin.load_state_dict(rms.state_dict())
+    torch.testing.assert_close(twin.normalize(x), rms.normalize(x), rtol=0, atol=0)
+    twin.load_state_dict({"mean": torch.zeros(3, dtype=torch.float64), "var": torch.ones(3, dtype=torch.float64),
+                          "count": torch.tensor(0.0, dtype=torch.float64)})
+    torch.testing.assert_close(twin.normalize(x), x.float())  # the loaded statistics are the ones normalize uses
+
+
 # One env, 256 Pendulum-v1 steps in one iteration: its episode ends by time limit at step 200.
 PENDULUM_ONE_ITERATION = {
     "ppo_continuous": ["--num-steps", "256", "--num-minibatches", "2", "--update-epochs", "1"],
