@@ -202,40 +202,6 @@ class Args:
     """DPO steps between evaluations (gold, proxy, KL on --rollout-batch-size fresh samples)"""
 
 
-def check_args(args: Args) -> None:
-    """Raise ValueError with one readable sentence for settings that cannot train."""
-    for name in ("learning_rate", "sft_learning_rate", "rm_learning_rate", "dpo_learning_rate", "temperature",
-                 "dpo_beta", "kl_target", "clip_coef"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("eval_episodes", "torch_threads", "d_model", "n_layers", "n_heads", "sft_steps", "sft_batch_size",
-                 "num_pairs", "heldout_pairs", "rm_epochs", "rm_batch_size", "ppo_iterations", "rollout_batch_size",
-                 "num_minibatches", "update_epochs", "kl_horizon", "dpo_epochs", "dpo_batch_size", "dpo_eval_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.beta < 0:
-        raise ValueError(f"--beta must be >= 0, got {args.beta}")
-    if args.d_model % args.n_heads != 0:
-        raise ValueError(f"--n-heads {args.n_heads} does not divide --d-model {args.d_model}")
-    if args.rollout_batch_size % args.num_minibatches != 0:
-        raise ValueError(f"--num-minibatches {args.num_minibatches} does not divide --rollout-batch-size "
-                         f"{args.rollout_batch_size}")
-    if args.prompt_len < 1 or args.vocab_size - FIRST_CONTENT <= args.prompt_len:
-        raise ValueError(f"--prompt-len {args.prompt_len} needs 1 <= prompt-len < vocab-size - {FIRST_CONTENT} "
-                         f"(= {args.vocab_size - FIRST_CONTENT} content tokens), so that some are not in the prompt")
-    if not 1 <= args.demo_max_len < args.max_response_len:
-        raise ValueError(f"--demo-max-len {args.demo_max_len} must be in [1, --max-response-len "
-                         f"{args.max_response_len}) so that every demonstration ends with EOS")
-    if not 0 < args.demo_hit_prob < 1:
-        raise ValueError(f"--demo-hit-prob must be in (0, 1), got {args.demo_hit_prob}")
-    if not 0 < args.gamma <= 1:
-        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
-    if not 0 <= args.gae_lambda <= 1:
-        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
-    if args.target_kl is not None and args.target_kl <= 0:
-        raise ValueError(f"--target-kl must be > 0 (or None), got {args.target_kl}")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Pure functions: tensors in, tensors out. The tests import these.
 # ----------------------------------------------------------------------------------------------------------
@@ -400,8 +366,10 @@ class FixedKLController:
         return self.value
 
 
-# The PPO helpers below are verbatim copies of ppo_discrete.py's (tests/test_contract.py keeps them identical).
+# ----------------------------------------------------------------------------------------------------------
+# The PPO functions, verbatim copies of ppo_discrete.py's (tests/test_contract.py keeps them identical).
 # Here T = response tokens and N = responses: compute_gae gets [L, B] tensors.
+# ----------------------------------------------------------------------------------------------------------
 
 
 def compute_gae(
@@ -678,215 +646,8 @@ def generate(model: TinyLM, prompts: torch.Tensor, max_response_len: int, temper
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rollouts and evaluation
+# The four stages: SFT, reward model, PPO, DPO
 # ----------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def rollout(policy: TinyLM, ref_policy: TinyLM, reward_model: TinyLM, prompts: torch.Tensor, args: Args) -> dict:
-    """Sample responses from the policy and score them: everything PPO and the evaluations need, as tensors."""
-    P = prompts.shape[1]
-    responses = generate(policy, prompts, args.max_response_len, args.temperature)  # [B, L]
-    mask = response_mask(responses)  # [B, L]
-    seq = torch.cat([prompts, responses], dim=1)  # [B, P + L]
-    logits = response_logits(policy, seq, P, args.temperature)  # [B, L, V]
-    ref_logits = response_logits(ref_policy, seq, P, args.temperature)
-    logprobs = sequence_logprobs(logits, responses, mask)
-    ref_logprobs = sequence_logprobs(ref_logits, responses, mask)
-    finished = (responses == EOS).any(dim=1)
-    # Ziegler et al.: a response that does not end properly gets a fixed score, not the RM's guess on it.
-    score = torch.where(finished, proxy_score(reward_model, seq, mask, P), args.missing_eos_reward)
-    return {
-        "prompts": prompts, "responses": responses, "mask": mask, "seq": seq,
-        "logprobs": logprobs, "ref_logprobs": ref_logprobs, "score": score, "finished": finished,
-        "gold": gold_reward(prompts, responses, mask),
-        "kl": token_kl(logits, ref_logits, mask).sum(dim=1),  # exact per token, summed: [B]
-        "kl_k1": (logprobs - ref_logprobs).sum(dim=1),  # the sampled estimate the reward penalises: [B]
-        "entropy": token_entropy(logits, mask),
-    }
-
-
-def summarise(batch: dict) -> dict:
-    """Batch means of a rollout: the numbers every stage reports."""
-    return {
-        "gold_reward": batch["gold"].mean().item(),
-        "proxy_reward": batch["score"].mean().item(),
-        "kl_ref": batch["kl"].mean().item(),
-        "kl_ref_k1": batch["kl_k1"].mean().item(),
-        "entropy": masked_mean(batch["entropy"], batch["mask"]).item(),
-        "response_length": batch["mask"].sum(dim=1).mean().item(),
-        "eos_rate": batch["finished"].float().mean().item(),
-        "repeats_per_response": repeat_count(batch["prompts"], batch["responses"], batch["mask"]).float().mean().item(),
-    }
-
-
-def repeat_count(prompts: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Repeats of prompt tokens per response [B] (the hack the proxy cannot see): prompt tokens in y minus
-    distinct prompt tokens in y."""
-    in_prompt = (responses.unsqueeze(2) == prompts.unsqueeze(1)) & mask.bool().unsqueeze(2)  # [B, L, P]
-    return in_prompt.sum(dim=(1, 2)) - in_prompt.any(dim=1).sum(dim=1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Logging, checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-
-class NonFiniteLoss(Exception):
-    """A loss became NaN or inf; the message names the quantity, the stage and the step."""
-
-
-def check_finite(stats: list[torch.Tensor], names: tuple[str, ...], where: str, per_minibatch: bool = True) -> None:
-    """stats: one tensor [len(names)] per minibatch (or a single one); raise NonFiniteLoss naming the first
-    non-finite entry: the quantity, `where` (stage and step) and, with per_minibatch, the minibatch."""
-    stacked = torch.stack(stats)
-    bad = (~torch.isfinite(stacked)).nonzero()
-    if len(bad):
-        minibatch, column = bad[0].tolist()
-        tail = f", minibatch {minibatch + 1}" if per_minibatch else ""
-        raise NonFiniteLoss(f"{names[column]} is {stacked[minibatch, column].item()} at {where}{tail}")
-
-
-def format_line(metrics: dict) -> str:
-    """The stdout line of one metrics row, by stage."""
-    def show(key, spec):
-        return "-" if metrics.get(key) is None else format(metrics[key], spec)
-
-    stage = metrics["stage"]
-    if stage == "sft":
-        return (f"sft  step {metrics['step']:>5} | loss {show('sft_loss', '.4f')} "
-                f"(demonstrator's own: {show('sft_loss_floor', '.4f')})")
-    if stage == "rm":
-        return (f"rm   epoch {metrics['epoch']:>3} | train loss {show('rm_loss', '.4f')} | held-out: loss "
-                f"{show('rm_heldout_loss', '.4f')} acc {show('rm_heldout_acc', '.3f')} (vs gold order "
-                f"{show('rm_heldout_acc_gold', '.3f')}; gold itself gets {show('label_ceiling_acc', '.3f')})")
-    if stage in ("ppo", "dpo"):
-        head = f"ppo  iter {metrics['iteration']:>4}" if stage == "ppo" else f"dpo  step {metrics['step']:>4}"
-        tail = (f" | kl {show('approx_kl_k3', '.4f')} clip {show('clipfrac', '.3f')} ev "
-                f"{show('explained_variance', '5.2f')} beta {show('beta', '.4f')}" if stage == "ppo"
-                else f" | loss {show('dpo_loss', '.4f')}")
-        return (f"{head} | gold {show('gold_reward', '6.3f')} proxy {show('proxy_reward', '6.3f')} "
-                f"KL(pi||ref) {show('kl_ref', '6.2f')} ent {show('entropy', '.3f')} len "
-                f"{show('response_length', '.2f')}{tail}")
-    return (f"summary | gold: demonstrator {show('gold_reward_demonstrator', '.3f')}, pi_ref "
-            f"{show('gold_reward_ref', '.3f')}, PPO {show('gold_reward_ppo', '.3f')}, "
-            f"DPO {show('gold_reward_dpo', '.3f')}")
-
-
-class Logger:
-    """Every row: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with --track
-    (keys prefixed by the stage). A wandb error is printed once and turns wandb off; it never stops training."""
-
-    def __init__(self, args: Args, run_dir: str, run_name: str):
-        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
-        self.wandb_run = None
-        self.rows, self.start_time = 0, time.time()
-        if args.track:
-            try:
-                import wandb
-
-                self.wandb_run = wandb.init(
-                    project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
-                    config=asdict(args), dir=run_dir,
-                )
-            except Exception as err:  # any wandb failure (no login, no network, bad entity): keep training
-                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
-
-    def log(self, metrics: dict) -> None:
-        metrics = {**metrics, "time": time.time() - self.start_time}  # seconds since the run started
-        clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
-        self.metrics_file.write(json.dumps(clean) + "\n")
-        print(format_line(clean))
-        self.rows += 1
-        if self.wandb_run is not None:
-            try:
-                stage = metrics["stage"]
-                self.wandb_run.log({f"{stage}/{k}": v for k, v in clean.items() if v is not None and k != "stage"},
-                                   step=self.rows)
-            except Exception as err:  # see __init__: training matters more than the dashboard
-                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
-                self.wandb_run = None
-
-    def close(self) -> None:
-        self.metrics_file.close()
-        if self.wandb_run is not None:
-            try:
-                self.wandb_run.finish()
-            except Exception as err:
-                print(f"wandb finish failed: {type(err).__name__}: {err}")
-
-
-def make_model(args: Args, device: torch.device) -> TinyLM:
-    return TinyLM(args.vocab_size, args.prompt_len + args.max_response_len, args.d_model, args.n_layers,
-                  args.n_heads).to(device)
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by this script, or ValueError saying what is wrong with the file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, or one that needs unpickling arbitrary code
-        raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True: {err}") from None
-    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
-    if script != SCRIPT:
-        raise ValueError(f"{path} was written by {script or 'something else'}.py, not {SCRIPT}.py")
-    return checkpoint
-
-
-def evaluate_policies(policies: dict, ref_policy: TinyLM, reward_model: TinyLM, args: Args,
-                      device: torch.device) -> dict:
-    """Gold, proxy, KL, ... of each policy on the same --eval-episodes prompts (fixed by --seed), plus the
-    demonstrator's gold reward on them. Returns {name: summary}."""
-    generator = torch.Generator().manual_seed(args.seed + 1_000_003)
-    prompts = sample_prompts(args.eval_episodes, args.prompt_len, args.vocab_size, generator)
-    demos, _ = behaviour_policy(prompts, args.max_response_len, args.demo_max_len, args.demo_hit_prob,
-                                args.vocab_size, generator)
-    demo_mask = response_mask(demos)
-    results = {"demonstrator": {"gold_reward": gold_reward(prompts, demos, demo_mask).mean().item(),
-                                "response_length": demo_mask.sum(dim=1).mean().item(),
-                                "samples": [show_sample(prompts[i], demos[i]) for i in range(3)]}}
-    for name, policy in policies.items():
-        batch = rollout(policy, ref_policy, reward_model, prompts.to(device), args)
-        samples = [show_sample(prompts[i], batch["responses"][i]) for i in range(3)]
-        results[name] = {**summarise(batch), "samples": samples}
-    return results
-
-
-def show_sample(prompt: torch.Tensor, response: torch.Tensor) -> str:
-    """A prompt and a response as letters (content token FIRST_CONTENT -> a, the next -> b, ...), EOS as '.',
-    padding dropped. Example: prompt [7 3 12 5], response [3 12 9 EOS PAD] -> 'fbke -> bkh.'"""
-    def letters(tokens):
-        names = {PAD: "_", EOS: "."}
-        return "".join(names.get(t, chr(ord("a") + t - FIRST_CONTENT)) for t in tokens.tolist())
-
-    real = int(response_mask(response.unsqueeze(0)).sum().item())
-    return f"{letters(prompt)} -> {letters(response[:real])}"
-
-
-def print_table(results: dict, args: Args) -> None:
-    columns = {"gold_reward": "gold", "proxy_reward": "proxy", "kl_ref": "KL(pi||ref)", "response_length": "length",
-               "repeats_per_response": "repeats", "eos_rate": "EOS rate"}
-    print(f"\n{'policy (' + str(args.eval_episodes) + ' prompts)':<28}" + "".join(f"{c:>13}" for c in columns.values()))
-    for name, row in results.items():
-        cells = "".join(f"{'-' if row.get(c) is None else format(row[c], '.3f'):>13}" for c in columns)
-        print(f"{name:<28}{cells}")
-    print(f"{'best possible':<28}{float(args.prompt_len):>13.3f}")
-    print("samples (prompt -> response; letters are content tokens, '.' is EOS):")
-    for name, row in results.items():
-        print(f"  {name:<26}" + "   ".join(row["samples"]))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The four stages
-# ----------------------------------------------------------------------------------------------------------
-
-
-def pick_device(want_cuda: bool) -> torch.device:
-    if want_cuda and not torch.cuda.is_available():
-        print("--cuda: no CUDA device found, running on the CPU")
-    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
 
 
 def train_sft(args: Args, data_gen: torch.Generator, device: torch.device, logger: Logger) -> tuple[TinyLM, float]:
@@ -981,6 +742,30 @@ def train_reward_model(
         reward_model.scalar_head.weight /= std
         reward_model.scalar_head.bias.sub_(mean).div_(std)
     return reward_model, stats
+
+
+@torch.no_grad()
+def rollout(policy: TinyLM, ref_policy: TinyLM, reward_model: TinyLM, prompts: torch.Tensor, args: Args) -> dict:
+    """Sample responses from the policy and score them: everything PPO and the evaluations need, as tensors."""
+    P = prompts.shape[1]
+    responses = generate(policy, prompts, args.max_response_len, args.temperature)  # [B, L]
+    mask = response_mask(responses)  # [B, L]
+    seq = torch.cat([prompts, responses], dim=1)  # [B, P + L]
+    logits = response_logits(policy, seq, P, args.temperature)  # [B, L, V]
+    ref_logits = response_logits(ref_policy, seq, P, args.temperature)
+    logprobs = sequence_logprobs(logits, responses, mask)
+    ref_logprobs = sequence_logprobs(ref_logits, responses, mask)
+    finished = (responses == EOS).any(dim=1)
+    # Ziegler et al.: a response that does not end properly gets a fixed score, not the RM's guess on it.
+    score = torch.where(finished, proxy_score(reward_model, seq, mask, P), args.missing_eos_reward)
+    return {
+        "prompts": prompts, "responses": responses, "mask": mask, "seq": seq,
+        "logprobs": logprobs, "ref_logprobs": ref_logprobs, "score": score, "finished": finished,
+        "gold": gold_reward(prompts, responses, mask),
+        "kl": token_kl(logits, ref_logits, mask).sum(dim=1),  # exact per token, summed: [B]
+        "kl_k1": (logprobs - ref_logprobs).sum(dim=1),  # the sampled estimate the reward penalises: [B]
+        "entropy": token_entropy(logits, mask),
+    }
 
 
 def run_ppo(policy: TinyLM, ref_policy: TinyLM, reward_model: TinyLM, args: Args, data_gen: torch.Generator,
@@ -1138,7 +923,7 @@ def train_dpo(ref_policy: TinyLM, reward_model: TinyLM, train: dict, heldout: di
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Main
+# The pipeline: the four stages in order, then the evaluation of their policies
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -1237,6 +1022,219 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
           f"{summary['gold_reward_ppo']:.3f}, DPO {summary['gold_reward_dpo']:.3f} (best possible "
           f"{args.prompt_len}); metrics in {run_dir}/metrics.jsonl")
     return summary
+
+
+# ==========================================================================================================
+# Plumbing a reader may skip: argument checks, devices, the vector env, normaliser storage, logging,
+# checkpoints and evaluation. Nothing below changes the algorithm; main() above is the article's loop.
+# ==========================================================================================================
+
+
+def check_args(args: Args) -> None:
+    """Raise ValueError with one readable sentence for settings that cannot train."""
+    for name in ("learning_rate", "sft_learning_rate", "rm_learning_rate", "dpo_learning_rate", "temperature",
+                 "dpo_beta", "kl_target", "clip_coef"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("eval_episodes", "torch_threads", "d_model", "n_layers", "n_heads", "sft_steps", "sft_batch_size",
+                 "num_pairs", "heldout_pairs", "rm_epochs", "rm_batch_size", "ppo_iterations", "rollout_batch_size",
+                 "num_minibatches", "update_epochs", "kl_horizon", "dpo_epochs", "dpo_batch_size", "dpo_eval_every"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.beta < 0:
+        raise ValueError(f"--beta must be >= 0, got {args.beta}")
+    if args.d_model % args.n_heads != 0:
+        raise ValueError(f"--n-heads {args.n_heads} does not divide --d-model {args.d_model}")
+    if args.rollout_batch_size % args.num_minibatches != 0:
+        raise ValueError(f"--num-minibatches {args.num_minibatches} does not divide --rollout-batch-size "
+                         f"{args.rollout_batch_size}")
+    if args.prompt_len < 1 or args.vocab_size - FIRST_CONTENT <= args.prompt_len:
+        raise ValueError(f"--prompt-len {args.prompt_len} needs 1 <= prompt-len < vocab-size - {FIRST_CONTENT} "
+                         f"(= {args.vocab_size - FIRST_CONTENT} content tokens), so that some are not in the prompt")
+    if not 1 <= args.demo_max_len < args.max_response_len:
+        raise ValueError(f"--demo-max-len {args.demo_max_len} must be in [1, --max-response-len "
+                         f"{args.max_response_len}) so that every demonstration ends with EOS")
+    if not 0 < args.demo_hit_prob < 1:
+        raise ValueError(f"--demo-hit-prob must be in (0, 1), got {args.demo_hit_prob}")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not 0 <= args.gae_lambda <= 1:
+        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
+    if args.target_kl is not None and args.target_kl <= 0:
+        raise ValueError(f"--target-kl must be > 0 (or None), got {args.target_kl}")
+
+
+def pick_device(want_cuda: bool) -> torch.device:
+    if want_cuda and not torch.cuda.is_available():
+        print("--cuda: no CUDA device found, running on the CPU")
+    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+
+
+def make_model(args: Args, device: torch.device) -> TinyLM:
+    return TinyLM(args.vocab_size, args.prompt_len + args.max_response_len, args.d_model, args.n_layers,
+                  args.n_heads).to(device)
+
+
+class NonFiniteLoss(Exception):
+    """A loss became NaN or inf; the message names the quantity, the stage and the step."""
+
+
+def check_finite(stats: list[torch.Tensor], names: tuple[str, ...], where: str, per_minibatch: bool = True) -> None:
+    """stats: one tensor [len(names)] per minibatch (or a single one); raise NonFiniteLoss naming the first
+    non-finite entry: the quantity, `where` (stage and step) and, with per_minibatch, the minibatch."""
+    stacked = torch.stack(stats)
+    bad = (~torch.isfinite(stacked)).nonzero()
+    if len(bad):
+        minibatch, column = bad[0].tolist()
+        tail = f", minibatch {minibatch + 1}" if per_minibatch else ""
+        raise NonFiniteLoss(f"{names[column]} is {stacked[minibatch, column].item()} at {where}{tail}")
+
+
+def summarise(batch: dict) -> dict:
+    """Batch means of a rollout: the numbers every stage reports."""
+    return {
+        "gold_reward": batch["gold"].mean().item(),
+        "proxy_reward": batch["score"].mean().item(),
+        "kl_ref": batch["kl"].mean().item(),
+        "kl_ref_k1": batch["kl_k1"].mean().item(),
+        "entropy": masked_mean(batch["entropy"], batch["mask"]).item(),
+        "response_length": batch["mask"].sum(dim=1).mean().item(),
+        "eos_rate": batch["finished"].float().mean().item(),
+        "repeats_per_response": repeat_count(batch["prompts"], batch["responses"], batch["mask"]).float().mean().item(),
+    }
+
+
+def repeat_count(prompts: torch.Tensor, responses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Repeats of prompt tokens per response [B] (the hack the proxy cannot see): prompt tokens in y minus
+    distinct prompt tokens in y."""
+    in_prompt = (responses.unsqueeze(2) == prompts.unsqueeze(1)) & mask.bool().unsqueeze(2)  # [B, L, P]
+    return in_prompt.sum(dim=(1, 2)) - in_prompt.any(dim=1).sum(dim=1)
+
+
+class Logger:
+    """Every row: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with --track
+    (keys prefixed by the stage). A wandb error is printed once and turns wandb off; it never stops training."""
+
+    def __init__(self, args: Args, run_dir: str, run_name: str):
+        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
+        self.wandb_run = None
+        self.rows, self.start_time = 0, time.time()
+        if args.track:
+            try:
+                import wandb
+
+                self.wandb_run = wandb.init(
+                    project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                    config=asdict(args), dir=run_dir,
+                )
+            except Exception as err:  # any wandb failure (no login, no network, bad entity): keep training
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+
+    def log(self, metrics: dict) -> None:
+        metrics = {**metrics, "time": time.time() - self.start_time}  # seconds since the run started
+        clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
+        self.metrics_file.write(json.dumps(clean) + "\n")
+        print(format_line(clean))
+        self.rows += 1
+        if self.wandb_run is not None:
+            try:
+                stage = metrics["stage"]
+                self.wandb_run.log({f"{stage}/{k}": v for k, v in clean.items() if v is not None and k != "stage"},
+                                   step=self.rows)
+            except Exception as err:  # see __init__: training matters more than the dashboard
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+                self.wandb_run = None
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as err:
+                print(f"wandb finish failed: {type(err).__name__}: {err}")
+
+
+def format_line(metrics: dict) -> str:
+    """The stdout line of one metrics row, by stage."""
+    def show(key, spec):
+        return "-" if metrics.get(key) is None else format(metrics[key], spec)
+
+    stage = metrics["stage"]
+    if stage == "sft":
+        return (f"sft  step {metrics['step']:>5} | loss {show('sft_loss', '.4f')} "
+                f"(demonstrator's own: {show('sft_loss_floor', '.4f')})")
+    if stage == "rm":
+        return (f"rm   epoch {metrics['epoch']:>3} | train loss {show('rm_loss', '.4f')} | held-out: loss "
+                f"{show('rm_heldout_loss', '.4f')} acc {show('rm_heldout_acc', '.3f')} (vs gold order "
+                f"{show('rm_heldout_acc_gold', '.3f')}; gold itself gets {show('label_ceiling_acc', '.3f')})")
+    if stage in ("ppo", "dpo"):
+        head = f"ppo  iter {metrics['iteration']:>4}" if stage == "ppo" else f"dpo  step {metrics['step']:>4}"
+        tail = (f" | kl {show('approx_kl_k3', '.4f')} clip {show('clipfrac', '.3f')} ev "
+                f"{show('explained_variance', '5.2f')} beta {show('beta', '.4f')}" if stage == "ppo"
+                else f" | loss {show('dpo_loss', '.4f')}")
+        return (f"{head} | gold {show('gold_reward', '6.3f')} proxy {show('proxy_reward', '6.3f')} "
+                f"KL(pi||ref) {show('kl_ref', '6.2f')} ent {show('entropy', '.3f')} len "
+                f"{show('response_length', '.2f')}{tail}")
+    return (f"summary | gold: demonstrator {show('gold_reward_demonstrator', '.3f')}, pi_ref "
+            f"{show('gold_reward_ref', '.3f')}, PPO {show('gold_reward_ppo', '.3f')}, "
+            f"DPO {show('gold_reward_dpo', '.3f')}")
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, or ValueError saying what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one that needs unpickling arbitrary code
+        raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True: {err}") from None
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    if script != SCRIPT:
+        raise ValueError(f"{path} was written by {script or 'something else'}.py, not {SCRIPT}.py")
+    return checkpoint
+
+
+def evaluate_policies(policies: dict, ref_policy: TinyLM, reward_model: TinyLM, args: Args,
+                      device: torch.device) -> dict:
+    """Gold, proxy, KL, ... of each policy on the same --eval-episodes prompts (fixed by --seed), plus the
+    demonstrator's gold reward on them. Returns {name: summary}."""
+    generator = torch.Generator().manual_seed(args.seed + 1_000_003)
+    prompts = sample_prompts(args.eval_episodes, args.prompt_len, args.vocab_size, generator)
+    demos, _ = behaviour_policy(prompts, args.max_response_len, args.demo_max_len, args.demo_hit_prob,
+                                args.vocab_size, generator)
+    demo_mask = response_mask(demos)
+    results = {"demonstrator": {"gold_reward": gold_reward(prompts, demos, demo_mask).mean().item(),
+                                "response_length": demo_mask.sum(dim=1).mean().item(),
+                                "samples": [show_sample(prompts[i], demos[i]) for i in range(3)]}}
+    for name, policy in policies.items():
+        batch = rollout(policy, ref_policy, reward_model, prompts.to(device), args)
+        samples = [show_sample(prompts[i], batch["responses"][i]) for i in range(3)]
+        results[name] = {**summarise(batch), "samples": samples}
+    return results
+
+
+def show_sample(prompt: torch.Tensor, response: torch.Tensor) -> str:
+    """A prompt and a response as letters (content token FIRST_CONTENT -> a, the next -> b, ...), EOS as '.',
+    padding dropped. Example: prompt [7 3 12 5], response [3 12 9 EOS PAD] -> 'fbke -> bkh.'"""
+    def letters(tokens):
+        names = {PAD: "_", EOS: "."}
+        return "".join(names.get(t, chr(ord("a") + t - FIRST_CONTENT)) for t in tokens.tolist())
+
+    real = int(response_mask(response.unsqueeze(0)).sum().item())
+    return f"{letters(prompt)} -> {letters(response[:real])}"
+
+
+def print_table(results: dict, args: Args) -> None:
+    columns = {"gold_reward": "gold", "proxy_reward": "proxy", "kl_ref": "KL(pi||ref)", "response_length": "length",
+               "repeats_per_response": "repeats", "eos_rate": "EOS rate"}
+    print(f"\n{'policy (' + str(args.eval_episodes) + ' prompts)':<28}" + "".join(f"{c:>13}" for c in columns.values()))
+    for name, row in results.items():
+        cells = "".join(f"{'-' if row.get(c) is None else format(row[c], '.3f'):>13}" for c in columns)
+        print(f"{name:<28}{cells}")
+    print(f"{'best possible':<28}{float(args.prompt_len):>13.3f}")
+    print("samples (prompt -> response; letters are content tokens, '.' is EOS):")
+    for name, row in results.items():
+        print(f"  {name:<26}" + "   ".join(row["samples"]))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ import tyro
 SCRIPT = "trpo"
 NORM_CLIP = 10.0  # normalised observations and scaled rewards are clipped to +-10 (cleanrl, Stable-Baselines3)
 NORM_EPS = 1e-8  # added to variances before the square root (gymnasium's normalisation wrappers)
+LOG_2PI = math.log(2.0 * math.pi)
 
 
 @dataclass
@@ -135,38 +136,6 @@ class Args:
     rl-baselines3-zoo MuJoCo 20; Spinning Up: 80 full-batch steps)"""
     num_minibatches: int = 16
     """critic minibatches per epoch; must divide the batch (16 x 128 = 2048: sb3-contrib batch_size 128)"""
-
-
-def check_args(args: Args) -> None:
-    """Raise ValueError with one readable sentence for settings that cannot train."""
-    if args.vf_lr <= 0:
-        raise ValueError(f"--vf-lr must be > 0, got {args.vf_lr}")
-    for name in ("num_envs", "num_steps", "num_minibatches", "vf_iters", "cg_iters", "backtrack_iters",
-                 "eval_episodes", "torch_threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches != 0:
-        raise ValueError(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
-            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
-        )
-    if args.total_timesteps < batch_size:
-        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
-    if not 0 < args.gamma <= 1:
-        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
-    if not 0 <= args.gae_lambda <= 1:
-        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
-    if args.max_kl <= 0:
-        raise ValueError(f"--max-kl must be > 0, got {args.max_kl}")
-    if args.cg_damping < 0:
-        raise ValueError(f"--cg-damping must be >= 0, got {args.cg_damping}")
-    if not 0 < args.backtrack_coef < 1:
-        raise ValueError(f"--backtrack-coef must be in (0, 1), got {args.backtrack_coef}")
-    if args.capture_video:
-        missing = [m for m in ("moviepy", "pygame") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,8 +242,6 @@ def sample_categorical(logits: torch.Tensor, gumbel: Optional[torch.Tensor] = No
 # ----------------------------------------------------------------------------------------------------------
 # Pure functions of this script: the distributions' log-probs and KLs, and the TRPO solver pieces
 # ----------------------------------------------------------------------------------------------------------
-
-LOG_2PI = math.log(2.0 * math.pi)
 
 
 def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -454,127 +421,8 @@ def line_search(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Networks
+# Running normalisation of observations and rewards (the article's "Common failure modes")
 # ----------------------------------------------------------------------------------------------------------
-
-
-def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
-    """Orthogonal weights with gain `std`, constant bias (implementation detail 2 of Huang et al. 2022)."""
-    nn.init.orthogonal_(layer.weight, std)
-    nn.init.constant_(layer.bias, bias_const)
-    return layer
-
-
-def mlp(in_dim: int, out_dim: int, out_std: float, hidden: int = 64) -> nn.Sequential:
-    """64-64 tanh MLP (Spinning Up's and sb3's default for TRPO), orthogonal init, last layer gain out_std."""
-    return nn.Sequential(
-        layer_init(nn.Linear(in_dim, hidden)),
-        nn.Tanh(),
-        layer_init(nn.Linear(hidden, hidden)),
-        nn.Tanh(),
-        layer_init(nn.Linear(hidden, out_dim), std=out_std),
-    )
-
-
-class CategoricalPolicy(nn.Module):
-    """pi(a|s) = softmax(logits(s)) for a Discrete action space. The distribution is passed around as the tuple
-    (logits [B, A],), so that both policies share one interface: forward, log_prob_entropy, kl, sample, mode.
-    The last layer starts at gain 0.01 so the first policy is near uniform."""
-
-    def __init__(self, obs_dim: int, n_actions: int):
-        super().__init__()
-        self.net = mlp(obs_dim, n_actions, out_std=0.01)
-
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.net(obs),)
-
-    def log_prob_entropy(self, dist: tuple[torch.Tensor, ...], actions: torch.Tensor):
-        return categorical_logprob_entropy(dist[0], actions)
-
-    def kl(self, old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return categorical_kl(old[0], new[0])
-
-    def sample(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return sample_categorical(dist[0])
-
-    def mode(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return dist[0].argmax(dim=-1)
-
-    def env_action(self, action: torch.Tensor) -> np.ndarray:
-        return action.cpu().numpy()
-
-
-class GaussianPolicy(nn.Module):
-    """pi(a|s) = N(mu(s), diag(sigma)^2) for a bounded Box action space, with a state-independent log sigma
-    (a free parameter, starting at 0: sigma = 1, as in sb3 and cleanrl). The distribution is (mean [B, D],
-    log_std [B, D]). Samples are stored and scored unclipped; only the action sent to the env is clipped to the
-    bounds (sb3 does the same; the article's tanh squashing would change log pi and is not used here)."""
-
-    def __init__(self, obs_dim: int, action_space: gym.spaces.Box):
-        super().__init__()
-        action_dim = action_space.shape[0]
-        self.net = mlp(obs_dim, action_dim, out_std=0.01)
-        self.log_std = nn.Parameter(torch.zeros(action_dim))
-        self.register_buffer("low", torch.as_tensor(action_space.low, dtype=torch.float32))
-        self.register_buffer("high", torch.as_tensor(action_space.high, dtype=torch.float32))
-
-    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        mean = self.net(obs)
-        return mean, self.log_std.expand_as(mean)
-
-    def log_prob_entropy(self, dist: tuple[torch.Tensor, ...], actions: torch.Tensor):
-        mean, log_std = dist
-        return gaussian_log_prob(mean, log_std, actions), gaussian_entropy(log_std)
-
-    def kl(self, old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return gaussian_kl(old[0], old[1], new[0], new[1])
-
-    def sample(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        mean, log_std = dist
-        return mean + log_std.exp() * torch.randn_like(mean)
-
-    def mode(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return dist[0]
-
-    def env_action(self, action: torch.Tensor) -> np.ndarray:
-        return action.clamp(self.low, self.high).cpu().numpy()
-
-
-Policy = Union[CategoricalPolicy, GaussianPolicy]
-
-
-def make_policy(obs_dim: int, action_space: gym.Space) -> Policy:
-    """The policy head the action space calls for."""
-    if isinstance(action_space, gym.spaces.Discrete):
-        return CategoricalPolicy(obs_dim, int(action_space.n))
-    return GaussianPolicy(obs_dim, action_space)
-
-
-class Critic(nn.Module):
-    """V(s): a separate 64-64 tanh MLP (not sharing layers with the policy, so the policy step moves only the
-    policy and the Fisher matrix is the policy's alone)."""
-
-    def __init__(self, obs_dim: int):
-        super().__init__()
-        self.net = mlp(obs_dim, 1, out_std=1.0)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs).squeeze(-1)  # [B]
-
-
-def compute_array(x, device: torch.device):
-    """x (a tensor or a numpy array) in float64, as the running statistics below compute with it: a numpy array
-    on the CPU, a tensor on `device` otherwise. Not a copy where x is a float64 CPU tensor or array already:
-    the array then shares x's memory, so `array += y` changes x.
-
-    Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
-    is all call overhead: 0.3-1.1 us a call for numpy against 1.2-2.2 us for torch
-    (benchmarks/normaliser_cost.py; 18 -> 11 us per step for update + normalize). The code that uses these
-    arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs
-    unchanged on a GPU's tensors."""
-    if device.type == "cpu":
-        return np.asarray(x, dtype=np.float64)
-    return torch.as_tensor(x, dtype=torch.float64, device=device)
 
 
 class RunningMeanStd:
@@ -713,6 +561,115 @@ class RewardScaler:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain `std`, constant bias (implementation detail 2 of Huang et al. 2022)."""
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def mlp(in_dim: int, out_dim: int, out_std: float, hidden: int = 64) -> nn.Sequential:
+    """64-64 tanh MLP (Spinning Up's and sb3's default for TRPO), orthogonal init, last layer gain out_std."""
+    return nn.Sequential(
+        layer_init(nn.Linear(in_dim, hidden)),
+        nn.Tanh(),
+        layer_init(nn.Linear(hidden, hidden)),
+        nn.Tanh(),
+        layer_init(nn.Linear(hidden, out_dim), std=out_std),
+    )
+
+
+class CategoricalPolicy(nn.Module):
+    """pi(a|s) = softmax(logits(s)) for a Discrete action space. The distribution is passed around as the tuple
+    (logits [B, A],), so that both policies share one interface: forward, log_prob_entropy, kl, sample, mode.
+    The last layer starts at gain 0.01 so the first policy is near uniform."""
+
+    def __init__(self, obs_dim: int, n_actions: int):
+        super().__init__()
+        self.net = mlp(obs_dim, n_actions, out_std=0.01)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.net(obs),)
+
+    def log_prob_entropy(self, dist: tuple[torch.Tensor, ...], actions: torch.Tensor):
+        return categorical_logprob_entropy(dist[0], actions)
+
+    def kl(self, old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return categorical_kl(old[0], new[0])
+
+    def sample(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return sample_categorical(dist[0])
+
+    def mode(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return dist[0].argmax(dim=-1)
+
+    def env_action(self, action: torch.Tensor) -> np.ndarray:
+        return action.cpu().numpy()
+
+
+class GaussianPolicy(nn.Module):
+    """pi(a|s) = N(mu(s), diag(sigma)^2) for a bounded Box action space, with a state-independent log sigma
+    (a free parameter, starting at 0: sigma = 1, as in sb3 and cleanrl). The distribution is (mean [B, D],
+    log_std [B, D]). Samples are stored and scored unclipped; only the action sent to the env is clipped to the
+    bounds (sb3 does the same; the article's tanh squashing would change log pi and is not used here)."""
+
+    def __init__(self, obs_dim: int, action_space: gym.spaces.Box):
+        super().__init__()
+        action_dim = action_space.shape[0]
+        self.net = mlp(obs_dim, action_dim, out_std=0.01)
+        self.log_std = nn.Parameter(torch.zeros(action_dim))
+        self.register_buffer("low", torch.as_tensor(action_space.low, dtype=torch.float32))
+        self.register_buffer("high", torch.as_tensor(action_space.high, dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        mean = self.net(obs)
+        return mean, self.log_std.expand_as(mean)
+
+    def log_prob_entropy(self, dist: tuple[torch.Tensor, ...], actions: torch.Tensor):
+        mean, log_std = dist
+        return gaussian_log_prob(mean, log_std, actions), gaussian_entropy(log_std)
+
+    def kl(self, old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return gaussian_kl(old[0], old[1], new[0], new[1])
+
+    def sample(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        mean, log_std = dist
+        return mean + log_std.exp() * torch.randn_like(mean)
+
+    def mode(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return dist[0]
+
+    def env_action(self, action: torch.Tensor) -> np.ndarray:
+        return action.clamp(self.low, self.high).cpu().numpy()
+
+
+Policy = Union[CategoricalPolicy, GaussianPolicy]
+
+
+def make_policy(obs_dim: int, action_space: gym.Space) -> Policy:
+    """The policy head the action space calls for."""
+    if isinstance(action_space, gym.spaces.Discrete):
+        return CategoricalPolicy(obs_dim, int(action_space.n))
+    return GaussianPolicy(obs_dim, action_space)
+
+
+class Critic(nn.Module):
+    """V(s): a separate 64-64 tanh MLP (not sharing layers with the policy, so the policy step moves only the
+    policy and the Fisher matrix is the policy's alone)."""
+
+    def __init__(self, obs_dim: int):
+        super().__init__()
+        self.net = mlp(obs_dim, 1, out_std=1.0)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)  # [B]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The TRPO policy step
 # ----------------------------------------------------------------------------------------------------------
 
@@ -799,216 +756,8 @@ def trpo_update(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Environments, logging, checkpoints
+# Training: the article's TRPO loop
 # ----------------------------------------------------------------------------------------------------------
-
-
-class SameStepVectorEnv(gym.vector.VectorEnv):
-    """N envs stepped one after another in this process, with SAME_STEP autoreset: when an episode ends, step()
-    returns the first observation of the next episode and puts the last one in info["final_obs"] (an object
-    array, set where info["_final_obs"]). So obs[t] -> obs[t+1] is never a fake transition from one episode into
-    the next, and a truncated episode can be bootstrapped from its real final observation.
-
-    It returns what gym.vector.SyncVectorEnv(env_fns, autoreset_mode=SAME_STEP) returns (a test compares the two
-    step by step), except that the sub-envs' own info dicts are left out (nothing here reads them), and it
-    reports the episodes that ended as gymnasium's RecordEpisodeStatistics does: info["episode"]["r"] and ["l"]
-    where info["_episode"]. Each env gets its entry of the action array: a Python int for a Discrete space (the
-    envs' action checks test those faster than numpy integers), the float32 row for a Box, as SyncVectorEnv
-    hands it (MuJoCo's control cost squares the action, so float64 numbers would change the rewards' last bits).
-    Why not SyncVectorEnv itself: its general machinery (info merging, batching dispatched on the space, copies)
-    costs more per step than this plain loop (measured in benchmarks/SPEED.md and SPEED_continuous.md).
-    The same class in every script that steps gymnasium envs."""
-
-    def __init__(self, env_fns: list):
-        self.envs = [make() for make in env_fns]
-        self.num_envs = n = len(self.envs)
-        self.single_observation_space = self.envs[0].observation_space
-        self.single_action_space = self.envs[0].action_space
-        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, n)
-        self.action_space = gym.vector.utils.batch_space(self.single_action_space, n)
-        self.metadata = {**self.envs[0].metadata, "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
-        self.render_mode = self.envs[0].render_mode
-        self._obs = np.zeros((n, *self.single_observation_space.shape), self.single_observation_space.dtype)
-        self._episode_return, self._episode_length = [0.0] * n, [0] * n
-
-    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
-        """Resets every env; env i gets seed + i, as in SyncVectorEnv."""
-        for i, env in enumerate(self.envs):
-            self._obs[i], _ = env.reset(seed=None if seed is None else seed + i, options=options)
-        self._episode_return, self._episode_length = [0.0] * self.num_envs, [0] * self.num_envs
-        return self._obs.copy(), {}
-
-    def step(self, actions: np.ndarray):
-        n = self.num_envs
-        rewards = np.zeros(n)
-        terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-        info = {}
-        if isinstance(self.single_action_space, gym.spaces.Discrete):
-            actions = actions.tolist()
-        for i, (env, action) in enumerate(zip(self.envs, actions)):
-            obs, reward, env_terminated, env_truncated, _ = env.step(action)
-            rewards[i], terminated[i], truncated[i] = reward, env_terminated, env_truncated
-            self._episode_return[i] += reward
-            self._episode_length[i] += 1
-            if env_terminated or env_truncated:
-                if not info:  # the first episode to end in this step
-                    info = {"final_obs": np.full(n, None, dtype=object), "_final_obs": np.zeros(n, dtype=bool),
-                            "episode": {"r": np.zeros(n), "l": np.zeros(n, dtype=np.int64)},
-                            "_episode": np.zeros(n, dtype=bool)}
-                info["final_obs"][i], info["_final_obs"][i], info["_episode"][i] = obs, True, True
-                info["episode"]["r"][i], info["episode"]["l"][i] = self._episode_return[i], self._episode_length[i]
-                self._episode_return[i], self._episode_length[i] = 0.0, 0
-                obs, _ = env.reset()
-            self._obs[i] = obs
-        return self._obs.copy(), rewards, terminated, truncated, info
-
-    def close_extras(self, **kwargs) -> None:
-        for env in self.envs:
-            env.close()
-
-
-def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
-    """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
-    next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
-    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs.
-    The envs step one after another in this process (SameStepVectorEnv)."""
-
-    def make_one(index: int):
-        def thunk():
-            if args.capture_video and index == 0:
-                env = gym.make(args.env_id, render_mode="rgb_array")
-                return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
-            return gym.make(args.env_id)
-
-        return thunk
-
-    return SameStepVectorEnv([make_one(i) for i in range(args.num_envs)])
-
-
-def check_env(env_id: str) -> tuple[int, gym.Space]:
-    """(obs_dim, action_space) of env_id, or ValueError saying why this script cannot train on it."""
-    try:
-        env = gym.make(env_id)
-    except gym.error.Error as err:  # unknown id, wrong version, missing extra (box2d, ...)
-        raise ValueError(f"cannot make env {env_id!r}: {err}") from None
-    obs_space, act_space = env.observation_space, env.action_space
-    env.close()
-    if isinstance(act_space, gym.spaces.Box):
-        if len(act_space.shape) != 1:
-            raise ValueError(f"{env_id} has Box actions of shape {act_space.shape}; this script needs a 1-D Box")
-        if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
-            raise ValueError(
-                f"{env_id} has an unbounded Box action space ({act_space}); this script needs finite bounds "
-                "to clip the Gaussian's samples to"
-            )
-    elif not isinstance(act_space, gym.spaces.Discrete):
-        raise ValueError(
-            f"{env_id} has a {type(act_space).__name__} action space; this script needs Discrete or a bounded Box"
-        )
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        raise ValueError(f"{env_id} observations are {obs_space}; this script needs a flat Box (a vector)")
-    return obs_space.shape[0], act_space
-
-
-class Logger:
-    """Every iteration: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with
-    --track. A wandb error is printed once and turns wandb off; it never stops training."""
-
-    def __init__(self, args: Args, run_dir: str, run_name: str):
-        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
-        self.wandb_run = None
-        if args.track:
-            try:
-                import wandb
-
-                self.wandb_run = wandb.init(
-                    project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
-                    config=asdict(args), dir=run_dir,
-                )
-            except Exception as err:  # any wandb failure (no login, no network, bad entity): keep training
-                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
-
-    def log(self, metrics: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
-        self.metrics_file.write(json.dumps(clean) + "\n")
-        def show(key, spec):
-            return "-" if metrics[key] is None else format(metrics[key], spec)
-
-        line_search = f"{metrics['backtracks']} backtracks" if metrics["step_accepted"] else "step REJECTED"
-        print(
-            f"iter {metrics['iteration']:>4} step {metrics['global_step']:>8} | "
-            f"return {show('episodic_return', '6.1f')} (last 100: {show('episodic_return_100', '6.1f')}) | "
-            f"kl {metrics['kl']:.4f} {line_search} ent {show('entropy', '.3f')} "
-            f"ev {show('explained_variance', '5.2f')} | sps {metrics['sps']:.0f}"
-        )
-        if self.wandb_run is not None:
-            try:
-                self.wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["global_step"])
-            except Exception as err:  # see __init__: training matters more than the dashboard
-                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
-                self.wandb_run = None
-
-    def close(self) -> None:
-        self.metrics_file.close()
-        if self.wandb_run is not None:
-            try:
-                self.wandb_run.finish()
-            except Exception as err:
-                print(f"wandb finish failed: {type(err).__name__}: {err}")
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by this script, or ValueError saying what is wrong with the file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, or one that needs unpickling arbitrary code
-        raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True: {err}") from None
-    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
-    if script != SCRIPT:
-        raise ValueError(f"{path} was written by {script or 'something else'}.py, not {SCRIPT}.py")
-    return checkpoint
-
-
-def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -> np.ndarray:
-    """Returns of `episodes` full episodes of the saved policy acting greedily (argmax of the logits, or the
-    Gaussian's mean clipped to the bounds), on observations normalised with the saved, frozen statistics."""
-    env_id = checkpoint["args"]["env_id"]
-    obs_dim, action_space = check_env(env_id)
-    policy = make_policy(obs_dim, action_space).to(device)
-    policy.load_state_dict(checkpoint["policy"])
-    obs_rms = None
-    if checkpoint["obs_rms"] is not None:
-        obs_rms = RunningMeanStd((obs_dim,), device)
-        obs_rms.load_state_dict(checkpoint["obs_rms"])  # frozen: never updated during evaluation
-    env = gym.make(env_id)
-    returns = np.zeros(episodes)
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        done = False
-        while not done:
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            if obs_rms is not None:
-                obs_t = obs_rms.normalize(obs_t)
-            with torch.no_grad():
-                action = policy.mode(policy(obs_t))
-            obs, reward, terminated, truncated, _ = env.step(policy.env_action(action))
-            returns[episode] += reward
-            done = terminated or truncated
-    env.close()
-    return returns
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
-
-
-def pick_device(want_cuda: bool) -> torch.device:
-    if want_cuda and not torch.cuda.is_available():
-        print("--cuda: no CUDA device found, running on the CPU")
-    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
 
 
 def main(argv: Optional[list[str]] = None) -> Optional[dict]:
@@ -1218,6 +967,262 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
           f"{summary['episodic_return_100']}; metrics in {run_dir}/metrics.jsonl")
     return summary
+
+
+# ==========================================================================================================
+# Plumbing a reader may skip: argument checks, devices, the vector env, normaliser storage, logging,
+# checkpoints and evaluation. Nothing below changes the algorithm; main() above is the article's loop.
+# ==========================================================================================================
+
+
+def check_args(args: Args) -> None:
+    """Raise ValueError with one readable sentence for settings that cannot train."""
+    if args.vf_lr <= 0:
+        raise ValueError(f"--vf-lr must be > 0, got {args.vf_lr}")
+    for name in ("num_envs", "num_steps", "num_minibatches", "vf_iters", "cg_iters", "backtrack_iters",
+                 "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches != 0:
+        raise ValueError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
+            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
+        )
+    if args.total_timesteps < batch_size:
+        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not 0 <= args.gae_lambda <= 1:
+        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
+    if args.max_kl <= 0:
+        raise ValueError(f"--max-kl must be > 0, got {args.max_kl}")
+    if args.cg_damping < 0:
+        raise ValueError(f"--cg-damping must be >= 0, got {args.cg_damping}")
+    if not 0 < args.backtrack_coef < 1:
+        raise ValueError(f"--backtrack-coef must be in (0, 1), got {args.backtrack_coef}")
+    if args.capture_video:
+        missing = [m for m in ("moviepy", "pygame") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
+def pick_device(want_cuda: bool) -> torch.device:
+    if want_cuda and not torch.cuda.is_available():
+        print("--cuda: no CUDA device found, running on the CPU")
+    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+
+
+def compute_array(x, device: torch.device):
+    """x (a tensor or a numpy array) in float64, as the running statistics below compute with it: a numpy array
+    on the CPU, a tensor on `device` otherwise. Not a copy where x is a float64 CPU tensor or array already:
+    the array then shares x's memory, so `array += y` changes x.
+
+    Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
+    is all call overhead: 0.3-1.1 us a call for numpy against 1.2-2.2 us for torch
+    (benchmarks/normaliser_cost.py; 18 -> 11 us per step for update + normalize). The code that uses these
+    arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs
+    unchanged on a GPU's tensors."""
+    if device.type == "cpu":
+        return np.asarray(x, dtype=np.float64)
+    return torch.as_tensor(x, dtype=torch.float64, device=device)
+
+
+class SameStepVectorEnv(gym.vector.VectorEnv):
+    """N envs stepped one after another in this process, with SAME_STEP autoreset: when an episode ends, step()
+    returns the first observation of the next episode and puts the last one in info["final_obs"] (an object
+    array, set where info["_final_obs"]). So obs[t] -> obs[t+1] is never a fake transition from one episode into
+    the next, and a truncated episode can be bootstrapped from its real final observation.
+
+    It returns what gym.vector.SyncVectorEnv(env_fns, autoreset_mode=SAME_STEP) returns (a test compares the two
+    step by step), except that the sub-envs' own info dicts are left out (nothing here reads them), and it
+    reports the episodes that ended as gymnasium's RecordEpisodeStatistics does: info["episode"]["r"] and ["l"]
+    where info["_episode"]. Each env gets its entry of the action array: a Python int for a Discrete space (the
+    envs' action checks test those faster than numpy integers), the float32 row for a Box, as SyncVectorEnv
+    hands it (MuJoCo's control cost squares the action, so float64 numbers would change the rewards' last bits).
+    Why not SyncVectorEnv itself: its general machinery (info merging, batching dispatched on the space, copies)
+    costs more per step than this plain loop (measured in benchmarks/SPEED.md and SPEED_continuous.md).
+    The same class in every script that steps gymnasium envs."""
+
+    def __init__(self, env_fns: list):
+        self.envs = [make() for make in env_fns]
+        self.num_envs = n = len(self.envs)
+        self.single_observation_space = self.envs[0].observation_space
+        self.single_action_space = self.envs[0].action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, n)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, n)
+        self.metadata = {**self.envs[0].metadata, "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+        self.render_mode = self.envs[0].render_mode
+        self._obs = np.zeros((n, *self.single_observation_space.shape), self.single_observation_space.dtype)
+        self._episode_return, self._episode_length = [0.0] * n, [0] * n
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        """Resets every env; env i gets seed + i, as in SyncVectorEnv."""
+        for i, env in enumerate(self.envs):
+            self._obs[i], _ = env.reset(seed=None if seed is None else seed + i, options=options)
+        self._episode_return, self._episode_length = [0.0] * self.num_envs, [0] * self.num_envs
+        return self._obs.copy(), {}
+
+    def step(self, actions: np.ndarray):
+        n = self.num_envs
+        rewards = np.zeros(n)
+        terminated, truncated = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        info = {}
+        if isinstance(self.single_action_space, gym.spaces.Discrete):
+            actions = actions.tolist()
+        for i, (env, action) in enumerate(zip(self.envs, actions)):
+            obs, reward, env_terminated, env_truncated, _ = env.step(action)
+            rewards[i], terminated[i], truncated[i] = reward, env_terminated, env_truncated
+            self._episode_return[i] += reward
+            self._episode_length[i] += 1
+            if env_terminated or env_truncated:
+                if not info:  # the first episode to end in this step
+                    info = {"final_obs": np.full(n, None, dtype=object), "_final_obs": np.zeros(n, dtype=bool),
+                            "episode": {"r": np.zeros(n), "l": np.zeros(n, dtype=np.int64)},
+                            "_episode": np.zeros(n, dtype=bool)}
+                info["final_obs"][i], info["_final_obs"][i], info["_episode"][i] = obs, True, True
+                info["episode"]["r"][i], info["episode"]["l"][i] = self._episode_return[i], self._episode_length[i]
+                self._episode_return[i], self._episode_length[i] = 0.0, 0
+                obs, _ = env.reset()
+            self._obs[i] = obs
+        return self._obs.copy(), rewards, terminated, truncated, info
+
+    def close_extras(self, **kwargs) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
+    """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
+    next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
+    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs.
+    The envs step one after another in this process (SameStepVectorEnv)."""
+
+    def make_one(index: int):
+        def thunk():
+            if args.capture_video and index == 0:
+                env = gym.make(args.env_id, render_mode="rgb_array")
+                return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
+            return gym.make(args.env_id)
+
+        return thunk
+
+    return SameStepVectorEnv([make_one(i) for i in range(args.num_envs)])
+
+
+def check_env(env_id: str) -> tuple[int, gym.Space]:
+    """(obs_dim, action_space) of env_id, or ValueError saying why this script cannot train on it."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as err:  # unknown id, wrong version, missing extra (box2d, ...)
+        raise ValueError(f"cannot make env {env_id!r}: {err}") from None
+    obs_space, act_space = env.observation_space, env.action_space
+    env.close()
+    if isinstance(act_space, gym.spaces.Box):
+        if len(act_space.shape) != 1:
+            raise ValueError(f"{env_id} has Box actions of shape {act_space.shape}; this script needs a 1-D Box")
+        if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
+            raise ValueError(
+                f"{env_id} has an unbounded Box action space ({act_space}); this script needs finite bounds "
+                "to clip the Gaussian's samples to"
+            )
+    elif not isinstance(act_space, gym.spaces.Discrete):
+        raise ValueError(
+            f"{env_id} has a {type(act_space).__name__} action space; this script needs Discrete or a bounded Box"
+        )
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(f"{env_id} observations are {obs_space}; this script needs a flat Box (a vector)")
+    return obs_space.shape[0], act_space
+
+
+class Logger:
+    """Every iteration: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with
+    --track. A wandb error is printed once and turns wandb off; it never stops training."""
+
+    def __init__(self, args: Args, run_dir: str, run_name: str):
+        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
+        self.wandb_run = None
+        if args.track:
+            try:
+                import wandb
+
+                self.wandb_run = wandb.init(
+                    project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                    config=asdict(args), dir=run_dir,
+                )
+            except Exception as err:  # any wandb failure (no login, no network, bad entity): keep training
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+
+    def log(self, metrics: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
+        self.metrics_file.write(json.dumps(clean) + "\n")
+        def show(key, spec):
+            return "-" if metrics[key] is None else format(metrics[key], spec)
+
+        line_search = f"{metrics['backtracks']} backtracks" if metrics["step_accepted"] else "step REJECTED"
+        print(
+            f"iter {metrics['iteration']:>4} step {metrics['global_step']:>8} | "
+            f"return {show('episodic_return', '6.1f')} (last 100: {show('episodic_return_100', '6.1f')}) | "
+            f"kl {metrics['kl']:.4f} {line_search} ent {show('entropy', '.3f')} "
+            f"ev {show('explained_variance', '5.2f')} | sps {metrics['sps']:.0f}"
+        )
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["global_step"])
+            except Exception as err:  # see __init__: training matters more than the dashboard
+                print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
+                self.wandb_run = None
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as err:
+                print(f"wandb finish failed: {type(err).__name__}: {err}")
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this script, or ValueError saying what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, or one that needs unpickling arbitrary code
+        raise ValueError(f"{path} is not a checkpoint that loads with weights_only=True: {err}") from None
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    if script != SCRIPT:
+        raise ValueError(f"{path} was written by {script or 'something else'}.py, not {SCRIPT}.py")
+    return checkpoint
+
+
+def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -> np.ndarray:
+    """Returns of `episodes` full episodes of the saved policy acting greedily (argmax of the logits, or the
+    Gaussian's mean clipped to the bounds), on observations normalised with the saved, frozen statistics."""
+    env_id = checkpoint["args"]["env_id"]
+    obs_dim, action_space = check_env(env_id)
+    policy = make_policy(obs_dim, action_space).to(device)
+    policy.load_state_dict(checkpoint["policy"])
+    obs_rms = None
+    if checkpoint["obs_rms"] is not None:
+        obs_rms = RunningMeanStd((obs_dim,), device)
+        obs_rms.load_state_dict(checkpoint["obs_rms"])  # frozen: never updated during evaluation
+    env = gym.make(env_id)
+    returns = np.zeros(episodes)
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            if obs_rms is not None:
+                obs_t = obs_rms.normalize(obs_t)
+            with torch.no_grad():
+                action = policy.mode(policy(obs_t))
+            obs, reward, terminated, truncated, _ = env.step(policy.env_action(action))
+            returns[episode] += reward
+            done = terminated or truncated
+    env.close()
+    return returns
 
 
 if __name__ == "__main__":
