@@ -58,13 +58,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 
 SCRIPT = "ppo_continuous"
 NORM_CLIP = 10.0  # normalised observations and scaled rewards are clipped to +-10 (cleanrl, Stable-Baselines3)
 NORM_EPS = 1e-8  # added to variances before the square root (gymnasium's normalisation wrappers)
-LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 @dataclass
@@ -134,45 +132,8 @@ class Args:
     """if set, stop the update at the first minibatch whose approx KL (k3) exceeds it (typical 0.01 to 0.05)"""
 
 
-def check_args(args: Args) -> None:
-    """Raise ValueError with one readable sentence for settings that cannot train."""
-    if args.learning_rate <= 0:
-        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "torch_threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches != 0:
-        raise ValueError(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
-            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
-        )
-    if args.norm_adv and batch_size // args.num_minibatches < 2:
-        raise ValueError("minibatches of 1 sample cannot be normalised (--norm-adv): use fewer --num-minibatches")
-    if args.total_timesteps < batch_size:
-        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
-    if not 0 < args.gamma <= 1:
-        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
-    if not 0 <= args.gae_lambda <= 1:
-        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
-    if args.clip_coef <= 0:
-        raise ValueError(f"--clip-coef must be > 0, got {args.clip_coef}")
-    if args.target_kl is not None and args.target_kl <= 0:
-        raise ValueError(f"--target-kl must be > 0 (or None), got {args.target_kl}")
-    if args.compile and not (args.cuda and torch.cuda.is_available()) and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
-        raise ValueError("--compile on the CPU needs a C++ compiler (g++ or clang++) for torch.compile; install one "
-                         "or drop --compile")
-    if args.capture_video:
-        needed = ["moviepy"]
-        if args.env_id in gym.registry and "classic_control" in str(gym.registry[args.env_id].entry_point):
-            needed.append("pygame")  # classic-control envs draw with pygame; MuJoCo renders by itself
-        missing = [m for m in needed if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Pure functions: tensors in, tensors out. The tests import these; the other scripts carry identical copies.
+# The article's functions: tensors in, tensors out. Other scripts carry identical copies (tests/test_contract.py)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -274,56 +235,26 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
     return torch.where(var_true == 0, torch.full_like(ev, float("nan")), ev)
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale every gradient by min(1, max_norm / ||g||), where ||g|| is the L2 norm of all the gradients taken as
-    one vector; return ||g|| (before the scaling). Gradient-norm clipping, the cheat sheet's max_grad_norm.
-
-    The same numbers as torch.nn.utils.clip_grad_norm_(params, max_norm) (a test compares them exactly), written
-    out because for a few small tensors its general machinery (grouping the tensors by device and dtype) costs
-    more than the arithmetic (benchmarks/SPEED.md)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)  # 1e-6 as in torch: no division by zero
-    for g in grads:
-        g.mul_(scale)
-    return total_norm
-
-
 def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """log pi(a|s) of a diagonal Gaussian N(mean, exp(log_std)^2), summed over the last (action) dimension.
 
     The action dimensions are drawn independently, so the joint density is the product of the per-dimension
     densities and its log the sum of
-        log N(a; mu, sigma) = -(a - mu)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi).
-    mean, actions: [..., A]; log_std: [A] (state-independent) or [..., A]. Returns [...].
-    Written out instead of torch.distributions.Normal: same numbers, no distribution object per call.
+        log N(a; mu, sigma) = -(a - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2.
+    mean, actions: [..., D]; log_std: [D] (state-independent) or [..., D]. Returns [...].
+    Written out instead of torch.distributions.Normal: the same numbers, no distribution object per call.
 
-    Example: mean [0, 0], log_std [0, 0], action [1, 0] -> -0.5 - 2 * 0.9189 = -2.3379.
+    Example: mean [0, 0], log_std [0, 0], action [1, 0] -> -0.5 - log(2 pi) = -2.3379.
     """
-    z = (actions - mean) * torch.exp(-log_std)  # the action in standard deviations from the mean
-    return -0.5 * z.square().sum(-1) - (log_std + LOG_SQRT_2PI).sum(-1)
+    z = (actions - mean) * (-log_std).exp()  # (a - mu) / sigma: the action in standard deviations from the mean
+    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(dim=-1)
 
 
 def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
     """Entropy of a diagonal Gaussian, summed over the last (action) dimension:
-    H = sum_i (1/2 + log sqrt(2 pi) + log sigma_i). It does not depend on the mean; with a state-independent
+    H = sum_d (log sigma_d + (1 + log 2 pi) / 2). It does not depend on the mean; with a state-independent
     log_std it is the same for every state. Example: log_std [0] -> 1.4189; log_std [0, log 2] -> 3.5310."""
-    return (0.5 + LOG_SQRT_2PI + log_std).sum(-1)
-
-
-def compute_array(x, device: torch.device):
-    """x (a tensor or a numpy array) in float64, as the running statistics below compute with it: a numpy array
-    on the CPU, a tensor on `device` otherwise. Not a copy where x is a float64 CPU tensor or array already:
-    the array then shares x's memory, so `array += y` changes x.
-
-    Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
-    is all call overhead: 0.3-1.1 us a call for numpy against 1.2-2.2 us for torch
-    (benchmarks/normaliser_cost.py; 18 -> 11 us per step for update + normalize). The code that uses these
-    arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs
-    unchanged on a GPU's tensors."""
-    if device.type == "cpu":
-        return np.asarray(x, dtype=np.float64)
-    return torch.as_tensor(x, dtype=torch.float64, device=device)
+    return (log_std + 0.5 * (1.0 + math.log(2 * math.pi))).sum(dim=-1)
 
 
 class RunningMeanStd:
@@ -504,56 +435,311 @@ class Agent(nn.Module):
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.actor_mean(obs), self.value(obs)  # mean [B, A], value [B]
 
-    def actor_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The actor mean's (weight, bias) pairs, for tanh_mlp. They are the parameters themselves (Adam updates
-        them in place), so a list taken once stays current."""
-        return [(layer.weight, layer.bias) for layer in self.actor_mean if isinstance(layer, nn.Linear)]
-
-    def critic_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The critic's (weight, bias) pairs: tanh_mlp(obs, agent.critic_layers()).squeeze(-1) is agent.value(obs)."""
-        return [(layer.weight, layer.bias) for layer in self.critic if isinstance(layer, nn.Linear)]
-
-
-def tanh_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """The MLP that the (weight, bias) pairs came from, tanh between layers: tanh_mlp(obs, agent.actor_layers())
-    is agent.actor_mean(obs), the same numbers. The rollout calls the actor once a step on one observation, and the
-    update calls both networks once a minibatch; there nn.Sequential's module calls and the lookup of its weights
-    cost more than the arithmetic, so main looks the layers up once (benchmarks/SPEED_continuous.md, and
-    ppo_discrete.py's benchmarks/SPEED.md). Calls made once an iteration keep the modules."""
-    *hidden_layers, (weight, bias) = layers
-    for hidden_weight, hidden_bias in hidden_layers:
-        x = torch.tanh(F.linear(x, hidden_weight, hidden_bias))
-    return F.linear(x, weight, bias)
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        """a ~ pi(.|s) = N(actor_mean(s), exp(actor_logstd)^2), unclipped: [B, obs_dim] -> [B, A]."""
+        mean = self.actor_mean(obs)
+        return mean + self.actor_logstd.exp() * torch.randn_like(mean)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Environments, logging, checkpoints
+# Training: the article's PPO loop
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
-    """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
-    next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
-    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs. Ended
-    episodes' returns and lengths come in info["episode"] (RecordEpisodeStatistics' keys).
-    One env (the default) steps in this process (SameStepVectorEnv). More than one run each in its own process
-    (AsyncVectorEnv): MuJoCo physics is most of a step's cost, and this way two envs step on two cores at once.
-    No other wrappers: clipping and normalisation happen in main(), their statistics on the device."""
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    args = tyro.cli(Args, args=argv)
+    torch.set_num_threads(args.torch_threads)
+    device = pick_device(args.cuda)
 
-    def make_one(index: int):
-        def thunk():
-            if args.capture_video and index == 0:
-                env = gym.make(args.env_id, render_mode="rgb_array")
-                return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
-            return gym.make(args.env_id)
+    if args.eval_checkpoint is not None:
+        try:
+            checkpoint = load_checkpoint(args.eval_checkpoint)
+            returns = evaluate(checkpoint, args.eval_episodes, args.seed, device)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        print(f"eval {checkpoint['args']['env_id']}: return {returns.mean():.2f} +- {returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        return {"eval_returns": returns}
 
-        return thunk
+    # Every check happens before anything is written, so bad input leaves no run folder behind.
+    try:
+        check_args(args)
+        obs_dim, action_dim, action_low_np, action_high_np = check_env(args.env_id)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
-    env_fns = [make_one(i) for i in range(args.num_envs)]
-    if args.num_envs == 1:
-        return SameStepVectorEnv(env_fns)
-    envs = gym.vector.AsyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    logger = Logger(args, run_dir, run_name)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = make_envs(args, run_name)
+    agent = Agent(obs_dim, action_dim).to(device)
+    # fused=True: one kernel for the whole Adam step instead of several per parameter (the same arithmetic)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    action_low = torch.as_tensor(action_low_np, dtype=torch.float32, device=device)  # [A]
+    action_high = torch.as_tensor(action_high_np, dtype=torch.float32, device=device)  # [A]
+    obs_rms = RunningMeanStd((obs_dim,), device)
+    reward_scaler = RewardScaler(args.num_envs, args.gamma, device)
+
+    def minibatch_loss(mb_obs, mb_actions, mb_logprobs, mb_advantages, mb_values, mb_returns):
+        """-L^CLIP + c_vf L^V - c_ent H of one minibatch, with its statistics [5] (policy loss, value loss, entropy,
+        clipfrac, loss) and, with --target-kl, the approx KL (k3) of the policy before the step. A function of its
+        own only so that --compile can compile it."""
+        mean, new_values = agent(mb_obs)
+        new_logprob = gaussian_log_prob(mean, agent.actor_logstd, mb_actions)
+        if args.norm_adv:
+            mb_advantages = normalize_advantages(mb_advantages)
+        pg_loss, clipfrac = ppo_clip_loss(new_logprob, mb_logprobs, mb_advantages, args.clip_coef)
+        v_loss = value_loss(new_values, mb_values, mb_returns, args.clip_coef if args.clip_vloss else None)
+        entropy = gaussian_entropy(agent.actor_logstd)  # state-independent std: the same for all states
+        loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+        kl_now = approx_kl(new_logprob.detach(), mb_logprobs)[1] if args.target_kl is not None else None
+        return loss, torch.stack([pg_loss, v_loss, entropy, clipfrac, loss]).detach(), kl_now
+
+    # --compile: the first call traces minibatch_loss and compiles its forward and backward into a few fused
+    # kernels (inductor); every minibatch has the same shapes, so it compiles once.
+    loss_fn = torch.compile(minibatch_loss, dynamic=False) if args.compile else minibatch_loss
+
+    # Rollout buffer, preallocated on the device and overwritten every iteration. obs holds the observations
+    # as the policy saw them (normalised with the statistics of that moment); the rewards are scaled after it.
+    T, N = args.num_steps, args.num_envs
+    obs = torch.zeros((T, N, obs_dim), device=device)
+    actions = torch.zeros((T, N, action_dim), device=device)  # the unclipped Gaussian samples
+    raw_rewards = torch.zeros((T, N), dtype=torch.float64, device=device)  # as the envs return them
+    dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
+    truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
+    final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes, normalised
+
+    # Episode statistics stay on the host, as the envs report them (unscaled returns).
+    ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
+    last_100 = collections.deque(maxlen=100)
+
+    raw_obs, _ = envs.reset(seed=args.seed)  # [N, obs_dim], numpy float64 as the envs return it
+    obs_rms.update(raw_obs)
+    next_obs = obs_rms.normalize(raw_obs)
+    global_step, start_time = 0, time.time()
+
+    for iteration in range(1, num_iterations + 1):
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
+        optimizer.param_groups[0]["lr"] = lr
+        ended_return.fill(np.nan)
+        truncated_at.zero_()
+
+        # ---- rollout: T steps of N envs, each action sampled from pi_old at its step ----
+        with torch.inference_mode():  # no autograd here: the rollout only collects data
+            for step in range(T):
+                obs[step] = next_obs
+                action = agent.sample(next_obs)  # [N, A], a ~ pi_old(.|s), unclipped
+                actions[step] = action
+                # Clipped only for the env: the update needs log pi_old of the sample the policy really drew.
+                env_action = torch.clamp(action, action_low, action_high)
+
+                raw_obs, reward, terminated, truncated, info = envs.step(env_action.cpu().numpy())
+                raw_rewards[step] = torch.as_tensor(reward, device=device)
+                dones[step] = torch.as_tensor(terminated | truncated, device=device)
+                if "_final_obs" in info:  # an episode ended in some env
+                    # The last observations of the episodes that ended (raw_obs holds their reset ones) count
+                    # in the statistics too, before the reset ones: they are real states of the env. cleanrl's
+                    # per-env NormalizeObservation counts them, SB3's VecNormalize does not (on Hopper-v4 no
+                    # effect on returns that fresh seeds can show: benchmarks/RESULTS.md).
+                    ended = info["_final_obs"]
+                    ended_final = np.stack(info["final_obs"][ended])  # [n_ended, obs_dim]
+                    obs_rms.update(ended_final)
+                obs_rms.update(raw_obs)  # the observations the policy will act on (reset ones included)
+                next_obs = obs_rms.normalize(raw_obs)
+                if "_final_obs" in info:
+                    time_limit = truncated & ~terminated  # a subset of ended
+                    if time_limit.any():
+                        mask = torch.as_tensor(time_limit, device=device)
+                        truncated_at[step] = mask
+                        final_obs[step, mask] = obs_rms.normalize(ended_final[time_limit[ended]])  # the time-limit ones
+                    ended_return[step, ended] = info["episode"]["r"][ended]
+                    ended_length[step, ended] = info["episode"]["l"][ended]
+        global_step += T * N
+
+        # ---- pi_old's log-probs and the values of the whole batch, one forward pass ----
+        # Exact, not an approximation: the parameters did not change during the rollout, and obs holds the
+        # normalised inputs the actor saw, so these equal the per-step log-probs and values.
+        b_obs, b_actions = obs.reshape(batch_size, obs_dim), actions.reshape(batch_size, action_dim)
+        with torch.no_grad():
+            mean, b_values = agent(b_obs)
+            b_logprobs = gaussian_log_prob(mean, agent.actor_logstd, b_actions)
+            values = b_values.reshape(T, N)
+            rewards = reward_scaler(raw_rewards, dones).float()  # [T, N], divided by the running std of the return
+            # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
+            # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal. Both terms must
+            # be on the critic's scale: the critic is trained on returns built from SCALED rewards (divided by
+            # the running std of the return), so V estimates a sum of scaled rewards, and it was trained on
+            # NORMALISED observations, so it must be fed the final obs normalised the same way. A raw final obs,
+            # or V added to a raw reward, would mix two units and bias every advantage of the episode's tail.
+            rewards += args.gamma * truncated_at * agent.value(final_obs)
+            advantages, returns = compute_gae(rewards, values, dones, agent.value(next_obs), args.gamma, args.gae_lambda)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+
+        # ---- update: update_epochs passes over the batch in num_minibatches shuffled minibatches ----
+        stats = []  # one [5] tensor per minibatch: policy loss, value loss, entropy, clipfrac, loss
+        stop = False
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb_inds = b_inds[start : start + minibatch_size]
+                loss, mb_stats, kl_now = loss_fn(
+                    b_obs[mb_inds], b_actions[mb_inds], b_logprobs[mb_inds], b_advantages[mb_inds],
+                    b_values[mb_inds], b_returns[mb_inds],
+                )
+                if kl_now is not None and kl_now.item() > args.target_kl:
+                    stop = True  # the policy as it is now is already past the target on this minibatch: no step
+                    break
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+                stats.append(mb_stats)
+            if stop:
+                break
+
+        # ---- diagnostics: one host sync per iteration ----
+        with torch.no_grad():
+            mean = agent.actor_mean(b_obs)
+            kl_k1, kl_k3 = approx_kl(gaussian_log_prob(mean, agent.actor_logstd, b_actions), b_logprobs)
+            ev = explained_variance(b_values, b_returns)
+            action_std_now = agent.actor_logstd.exp().mean()
+        names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss")
+        if stats:  # [minibatches done, 5]; empty only when --target-kl stopped before the first step
+            stats = torch.stack(stats)
+            bad = (~torch.isfinite(stats)).nonzero()
+            if len(bad):
+                minibatch, column = bad[0].tolist()
+                logger.close()
+                envs.close()
+                raise SystemExit(
+                    f"error: {names[column]} is {stats[minibatch, column].item()} at iteration {iteration}, "
+                    f"minibatch {minibatch + 1} (step {global_step}); stopping, nothing saved"
+                )
+        means = stats.mean(0).tolist() if len(stats) else [None] * len(names)
+        ended = ended_return[~np.isnan(ended_return)]
+        last_100.extend(ended.tolist())
+        elapsed = time.time() - start_time
+        logger.log({
+            "iteration": iteration,
+            "global_step": global_step,
+            "time": elapsed,
+            "sps": global_step / elapsed,
+            "learning_rate": lr,
+            **dict(zip(names, means)),
+            "approx_kl_k1": kl_k1.item(),
+            "approx_kl_k3": kl_k3.item(),
+            "explained_variance": ev.item(),
+            "action_std": action_std_now.item(),
+            "reward_scale": math.sqrt(reward_scaler.return_rms.var.item() + NORM_EPS),
+            "update_minibatches": len(stats),
+            "episodes": len(ended),
+            "episodic_return": float(ended.mean()) if len(ended) else None,
+            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
+            "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+        })
+
+    envs.close()
+    summary = {
+        "global_step": global_step,
+        "time": time.time() - start_time,
+        "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+    }
+    if args.save_model:
+        path = os.path.join(run_dir, f"{SCRIPT}.pt")
+        torch.save({
+            "script": SCRIPT,
+            "model": agent.state_dict(),
+            "args": asdict(args),
+            "obs_rms": obs_rms.state_dict(),
+            "return_rms": reward_scaler.return_rms.state_dict(),
+        }, path)
+        eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
+        print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        summary["eval_return_mean"] = float(eval_returns.mean())
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    logger.close()
+    final = summary["episodic_return_100"]
+    print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
+          f"{'-' if final is None else f'{final:.2f}'}; metrics in {run_dir}/metrics.jsonl")
+    return summary
+
+
+# ==========================================================================================================
+# Plumbing a reader may skip: argument checks, devices, the vector env, normaliser storage, logging,
+# checkpoints and evaluation. Nothing below changes the algorithm; main() above is the article's loop.
+# ==========================================================================================================
+
+
+def check_args(args: Args) -> None:
+    """Raise ValueError with one readable sentence for settings that cannot train."""
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches != 0:
+        raise ValueError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
+            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
+        )
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        raise ValueError("minibatches of 1 sample cannot be normalised (--norm-adv): use fewer --num-minibatches")
+    if args.total_timesteps < batch_size:
+        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not 0 <= args.gae_lambda <= 1:
+        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
+    if args.clip_coef <= 0:
+        raise ValueError(f"--clip-coef must be > 0, got {args.clip_coef}")
+    if args.target_kl is not None and args.target_kl <= 0:
+        raise ValueError(f"--target-kl must be > 0 (or None), got {args.target_kl}")
+    if args.compile and not (args.cuda and torch.cuda.is_available()) and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
+        raise ValueError("--compile on the CPU needs a C++ compiler (g++ or clang++) for torch.compile; install one "
+                         "or drop --compile")
+    if args.capture_video:
+        needed = ["moviepy"]
+        if args.env_id in gym.registry and "classic_control" in str(gym.registry[args.env_id].entry_point):
+            needed.append("pygame")  # classic-control envs draw with pygame; MuJoCo renders by itself
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
+def pick_device(want_cuda: bool) -> torch.device:
+    if want_cuda and not torch.cuda.is_available():
+        print("--cuda: no CUDA device found, running on the CPU")
+    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+
+
+def compute_array(x, device: torch.device):
+    """x (a tensor or a numpy array) in float64, as the running statistics below compute with it: a numpy array
+    on the CPU, a tensor on `device` otherwise. Not a copy where x is a float64 CPU tensor or array already:
+    the array then shares x's memory, so `array += y` changes x.
+
+    Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
+    is all call overhead: 0.3-1.1 us a call for numpy against 1.2-2.2 us for torch
+    (benchmarks/normaliser_cost.py; 18 -> 11 us per step for update + normalize). The code that uses these
+    arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs
+    unchanged on a GPU's tensors."""
+    if device.type == "cpu":
+        return np.asarray(x, dtype=np.float64)
+    return torch.as_tensor(x, dtype=torch.float64, device=device)
 
 
 class SameStepVectorEnv(gym.vector.VectorEnv):
@@ -618,6 +804,31 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
     def close_extras(self, **kwargs) -> None:
         for env in self.envs:
             env.close()
+
+
+def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
+    """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
+    next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
+    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs. Ended
+    episodes' returns and lengths come in info["episode"] (RecordEpisodeStatistics' keys).
+    One env (the default) steps in this process (SameStepVectorEnv). More than one run each in its own process
+    (AsyncVectorEnv): MuJoCo physics is most of a step's cost, and this way two envs step on two cores at once.
+    No other wrappers: clipping and normalisation happen in main(), their statistics on the device."""
+
+    def make_one(index: int):
+        def thunk():
+            if args.capture_video and index == 0:
+                env = gym.make(args.env_id, render_mode="rgb_array")
+                return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
+            return gym.make(args.env_id)
+
+        return thunk
+
+    env_fns = [make_one(i) for i in range(args.num_envs)]
+    if args.num_envs == 1:
+        return SameStepVectorEnv(env_fns)
+    envs = gym.vector.AsyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
 def check_env(env_id: str) -> tuple[int, int, np.ndarray, np.ndarray]:
@@ -732,267 +943,6 @@ def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -
             done = terminated or truncated
     env.close()
     return returns
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
-
-
-def pick_device(want_cuda: bool) -> torch.device:
-    if want_cuda and not torch.cuda.is_available():
-        print("--cuda: no CUDA device found, running on the CPU")
-    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
-
-
-def main(argv: Optional[list[str]] = None) -> Optional[dict]:
-    args = tyro.cli(Args, args=argv)
-    torch.set_num_threads(args.torch_threads)
-    device = pick_device(args.cuda)
-
-    if args.eval_checkpoint is not None:
-        try:
-            checkpoint = load_checkpoint(args.eval_checkpoint)
-            returns = evaluate(checkpoint, args.eval_episodes, args.seed, device)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
-        print(f"eval {checkpoint['args']['env_id']}: return {returns.mean():.2f} +- {returns.std():.2f} "
-              f"over {args.eval_episodes} episodes")
-        return {"eval_returns": returns}
-
-    # Every check happens before anything is written, so bad input leaves no run folder behind.
-    try:
-        check_args(args)
-        obs_dim, action_dim, action_low_np, action_high_np = check_env(args.env_id)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-
-    batch_size = args.num_envs * args.num_steps
-    minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
-    logger = Logger(args, run_dir, run_name)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-
-    envs = make_envs(args, run_name)
-    agent = Agent(obs_dim, action_dim).to(device)
-    params = list(agent.parameters())  # listed once: clip_grad_norm walks this every minibatch
-    # The networks' (weight, bias) pairs for tanh_mlp, looked up once: they are the parameters themselves, which
-    # Adam updates in place, so the lists stay current for the whole run.
-    actor_layers, critic_layers = agent.actor_layers(), agent.critic_layers()
-    # fused=True: one kernel for the whole Adam step instead of several per parameter (same arithmetic).
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
-    action_low = torch.as_tensor(action_low_np, dtype=torch.float32, device=device)  # [A]
-    action_high = torch.as_tensor(action_high_np, dtype=torch.float32, device=device)  # [A]
-    obs_rms = RunningMeanStd((obs_dim,), device)
-    reward_scaler = RewardScaler(args.num_envs, args.gamma, device)
-
-    def minibatch_loss(obs, actions, old_logprobs, advantages, old_values, returns):
-        """The loss of one minibatch, -L^CLIP + c_vf L^V - c_ent H, with its statistics [5] (policy loss, value
-        loss, entropy, clipfrac, loss) and, with --target-kl, the approx KL (k3) of the policy before the step."""
-        mean = tanh_mlp(obs, actor_layers)  # [M, A], agent.actor_mean(obs)
-        new_values = tanh_mlp(obs, critic_layers).squeeze(-1)  # [M], agent.value(obs)
-        new_logprob = gaussian_log_prob(mean, agent.actor_logstd, actions)
-        if args.norm_adv:
-            advantages = normalize_advantages(advantages)
-        pg_loss, clipfrac = ppo_clip_loss(new_logprob, old_logprobs, advantages, args.clip_coef)
-        v_loss = value_loss(new_values, old_values, returns, args.clip_coef if args.clip_vloss else None)
-        entropy = gaussian_entropy(agent.actor_logstd)  # state-independent std: the same for all states
-        loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-        kl_now = approx_kl(new_logprob.detach(), old_logprobs)[1] if args.target_kl is not None else None
-        return loss, torch.stack([pg_loss, v_loss, entropy, clipfrac, loss]).detach(), kl_now
-
-    # --compile: the first call traces minibatch_loss and compiles its forward and backward into a few fused
-    # kernels (inductor); every minibatch has the same shapes, so it compiles once.
-    loss_fn = torch.compile(minibatch_loss, dynamic=False) if args.compile else minibatch_loss
-
-    # Rollout buffer, preallocated on the device and overwritten every iteration. obs holds the observations
-    # as the policy saw them (normalised with the statistics of that moment); the rewards are scaled after it.
-    T, N = args.num_steps, args.num_envs
-    obs = torch.zeros((T, N, obs_dim), device=device)
-    actions = torch.zeros((T, N, action_dim), device=device)  # the unclipped Gaussian samples
-    raw_rewards = torch.zeros((T, N), dtype=torch.float64, device=device)  # as the envs return them
-    dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
-    truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
-    final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes, normalised
-    # What the envs return as numpy (rewards, episode ends) is collected in numpy twins during the rollout and
-    # copied to the device once after it: one copy per buffer instead of one per step (as in ppo_discrete.py).
-    raw_rewards_host, dones_host, truncated_at_host = np.zeros((T, N)), np.zeros((T, N)), np.zeros((T, N))
-
-    # Episode statistics stay on the host, as the envs report them (unscaled returns).
-    ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
-    last_100 = collections.deque(maxlen=100)
-
-    raw_obs, _ = envs.reset(seed=args.seed)  # [N, obs_dim], numpy float64 as the envs return it
-    obs_rms.update(raw_obs)
-    next_obs = obs_rms.normalize(raw_obs)
-    global_step, start_time = 0, time.time()
-
-    for iteration in range(1, num_iterations + 1):
-        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
-        optimizer.param_groups[0]["lr"] = lr
-        ended_return.fill(np.nan)
-        truncated_at_host.fill(0.0)
-
-        # ---- rollout: T steps of N envs; per step only the actor mean runs (log-probs and values: below) ----
-        # inference_mode, not no_grad: no autograd bookkeeping at all (version counters, views), which makes each
-        # of the ~25 small tensor ops a step cheaper: ~4% of an iteration (benchmarks/SPEED_continuous.md). The
-        # tensors it creates (next_obs) are then only read under no_grad.
-        with torch.inference_mode():
-            # std * N(0, 1) noise of every step, drawn at once: the std does not change during the rollout.
-            noise = agent.actor_logstd.exp() * torch.randn((T, N, action_dim), device=device)  # [T, N, A]
-            for step in range(T):
-                obs[step] = next_obs
-                # a ~ N(mean, std^2), unclipped, written straight into the buffer
-                torch.add(tanh_mlp(next_obs, actor_layers), noise[step], out=actions[step])  # [N, A]
-                # Clipped only for the env: the update needs log pi_old of the sample the policy really drew.
-                env_action = torch.clamp(actions[step], action_low, action_high)
-
-                raw_obs, reward, terminated, truncated, info = envs.step(env_action.cpu().numpy())
-                raw_rewards_host[step] = reward
-                dones_host[step] = terminated | truncated
-                if "_final_obs" in info:  # an episode ended in some env
-                    # The last observations of the episodes that ended (raw_obs holds their reset ones) count
-                    # in the statistics too, before the reset ones: they are real states of the env. cleanrl's
-                    # per-env NormalizeObservation counts them, SB3's VecNormalize does not (on Hopper-v4 no
-                    # effect on returns that fresh seeds can show: benchmarks/RESULTS.md).
-                    ended = info["_final_obs"]
-                    ended_final = np.stack(info["final_obs"][ended])  # [n_ended, obs_dim]
-                    obs_rms.update(ended_final)
-                obs_rms.update(raw_obs)  # the observations the policy will act on (reset ones included)
-                next_obs = obs_rms.normalize(raw_obs)
-                if "_final_obs" in info:
-                    time_limit = truncated & ~terminated  # a subset of ended
-                    if time_limit.any():
-                        truncated_at_host[step] = time_limit
-                        mask = torch.as_tensor(time_limit, device=device)
-                        final_obs[step, mask] = obs_rms.normalize(ended_final[time_limit[ended]])  # the time-limit ones
-                    ended_return[step, ended] = info["episode"]["r"][ended]
-                    ended_length[step, ended] = info["episode"]["l"][ended]
-        global_step += T * N
-        for buffer, host in ((raw_rewards, raw_rewards_host), (dones, dones_host), (truncated_at, truncated_at_host)):
-            buffer.copy_(torch.from_numpy(host))  # copy_ casts and moves to the device
-
-        # ---- pi_old's log-probs and values for the whole batch, one forward pass ----
-        # Exact, not an approximation: the parameters did not change during the rollout, and obs holds the
-        # normalised inputs the actor saw, so these equal the per-step log-probs and values.
-        b_obs, b_actions = obs.reshape(batch_size, obs_dim), actions.reshape(batch_size, action_dim)
-        with torch.no_grad():
-            mean, b_values = agent(b_obs)
-            b_logprobs = gaussian_log_prob(mean, agent.actor_logstd, b_actions)
-            values = b_values.reshape(T, N)
-            rewards = reward_scaler(raw_rewards, dones).float()  # [T, N], divided by the running std of the return
-            # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
-            # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal. Both terms must
-            # be on the critic's scale: the critic is trained on returns built from SCALED rewards (divided by
-            # the running std of the return), so V estimates a sum of scaled rewards, and it was trained on
-            # NORMALISED observations, so it must be fed the final obs normalised the same way. A raw final obs,
-            # or V added to a raw reward, would mix two units and bias every advantage of the episode's tail.
-            rewards += args.gamma * truncated_at * agent.value(final_obs)
-            advantages, returns = compute_gae(rewards, values, dones, agent.value(next_obs), args.gamma, args.gae_lambda)
-        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-
-        # ---- update: update_epochs passes of num_minibatches minibatches ----
-        stats = []  # one [5] tensor per minibatch: policy loss, value loss, entropy, clipfrac, loss
-        stop = False
-        for epoch in range(args.update_epochs):
-            # Shuffle once per epoch (one gather per tensor); the minibatches are then contiguous slices (views).
-            permutation = torch.randperm(batch_size, device=device)
-            e_obs, e_actions, e_logprobs, e_advantages, e_returns, e_values = (
-                x[permutation] for x in (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
-            )
-            for start in range(0, batch_size, minibatch_size):
-                mb = slice(start, start + minibatch_size)
-                loss, mb_stats, kl_now = loss_fn(
-                    e_obs[mb], e_actions[mb], e_logprobs[mb], e_advantages[mb], e_values[mb], e_returns[mb]
-                )
-                if kl_now is not None and kl_now.item() > args.target_kl:
-                    stop = True  # the policy as it is now is already past the target on this minibatch: no step
-                    break
-                for param in params:  # what optimizer.zero_grad(set_to_none=True) does, without its per-call hooks
-                    param.grad = None
-                loss.backward()
-                clip_grad_norm(params, args.max_grad_norm)
-                optimizer.step()
-                stats.append(mb_stats)
-            if stop:
-                break
-
-        # ---- diagnostics: one host sync per iteration ----
-        with torch.no_grad():
-            mean = agent.actor_mean(b_obs)
-            kl_k1, kl_k3 = approx_kl(gaussian_log_prob(mean, agent.actor_logstd, b_actions), b_logprobs)
-            ev = explained_variance(b_values, b_returns)
-            action_std_now = agent.actor_logstd.exp().mean()
-        names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss")
-        if stats:  # [minibatches done, 5]; empty only when --target-kl stopped before the first step
-            stats = torch.stack(stats)
-            bad = (~torch.isfinite(stats)).nonzero()
-            if len(bad):
-                minibatch, column = bad[0].tolist()
-                logger.close()
-                envs.close()
-                raise SystemExit(
-                    f"error: {names[column]} is {stats[minibatch, column].item()} at iteration {iteration}, "
-                    f"minibatch {minibatch + 1} (step {global_step}); stopping, nothing saved"
-                )
-        means = stats.mean(0).tolist() if len(stats) else [None] * len(names)
-        ended = ended_return[~np.isnan(ended_return)]
-        last_100.extend(ended.tolist())
-        elapsed = time.time() - start_time
-        logger.log({
-            "iteration": iteration,
-            "global_step": global_step,
-            "time": elapsed,
-            "sps": global_step / elapsed,
-            "learning_rate": lr,
-            **dict(zip(names, means)),
-            "approx_kl_k1": kl_k1.item(),
-            "approx_kl_k3": kl_k3.item(),
-            "explained_variance": ev.item(),
-            "action_std": action_std_now.item(),
-            "reward_scale": math.sqrt(reward_scaler.return_rms.var.item() + NORM_EPS),
-            "update_minibatches": len(stats),
-            "episodes": len(ended),
-            "episodic_return": float(ended.mean()) if len(ended) else None,
-            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
-            "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
-        })
-
-    envs.close()
-    summary = {
-        "global_step": global_step,
-        "time": time.time() - start_time,
-        "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
-    }
-    if args.save_model:
-        path = os.path.join(run_dir, f"{SCRIPT}.pt")
-        torch.save({
-            "script": SCRIPT,
-            "model": agent.state_dict(),
-            "args": asdict(args),
-            "obs_rms": obs_rms.state_dict(),
-            "return_rms": reward_scaler.return_rms.state_dict(),
-        }, path)
-        eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
-        print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
-              f"over {args.eval_episodes} episodes")
-        summary["eval_return_mean"] = float(eval_returns.mean())
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    logger.close()
-    final = summary["episodic_return_100"]
-    print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
-          f"{'-' if final is None else f'{final:.2f}'}; metrics in {run_dir}/metrics.jsonl")
-    return summary
 
 
 if __name__ == "__main__":

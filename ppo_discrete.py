@@ -40,7 +40,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import tyro
 
 SCRIPT = "ppo_discrete"
@@ -110,39 +109,8 @@ class Args:
     """if set, stop the update at the first minibatch whose approx KL (k3) exceeds it (typical 0.01 to 0.05)"""
 
 
-def check_args(args: Args) -> None:
-    """Raise ValueError with one readable sentence for settings that cannot train."""
-    if args.learning_rate <= 0:
-        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "torch_threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches != 0:
-        raise ValueError(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
-            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
-        )
-    if args.norm_adv and batch_size // args.num_minibatches < 2:
-        raise ValueError("minibatches of 1 sample cannot be normalised (--norm-adv): use fewer --num-minibatches")
-    if args.total_timesteps < batch_size:
-        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
-    if not 0 < args.gamma <= 1:
-        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
-    if not 0 <= args.gae_lambda <= 1:
-        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
-    if args.clip_coef <= 0:
-        raise ValueError(f"--clip-coef must be > 0, got {args.clip_coef}")
-    if args.target_kl is not None and args.target_kl <= 0:
-        raise ValueError(f"--target-kl must be > 0 (or None), got {args.target_kl}")
-    if args.capture_video:
-        missing = [m for m in ("moviepy", "pygame") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Pure functions: tensors in, tensors out. The tests import these; the other scripts carry identical copies.
+# The article's functions: tensors in, tensors out. Other scripts carry identical copies (tests/test_contract.py)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -244,21 +212,6 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
     return torch.where(var_true == 0, torch.full_like(ev, float("nan")), ev)
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale every gradient by min(1, max_norm / ||g||), where ||g|| is the L2 norm of all the gradients taken as
-    one vector; return ||g|| (before the scaling). Gradient-norm clipping, the cheat sheet's max_grad_norm.
-
-    The same numbers as torch.nn.utils.clip_grad_norm_(params, max_norm) (a test compares them exactly), written
-    out because for a few small tensors its general machinery (grouping the tensors by device and dtype) costs
-    more than the arithmetic (benchmarks/SPEED.md)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)  # 1e-6 as in torch: no division by zero
-    for g in grads:
-        g.mul_(scale)
-    return total_norm
-
-
 def categorical_logprob_entropy(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(a|s) of the given actions and the entropy of pi(.|s), from logits [B, A] and actions [B].
     Written out instead of torch.distributions.Categorical: same numbers, a third of the overhead per call."""
@@ -317,46 +270,251 @@ class Agent(nn.Module):
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.actor(obs), self.value(obs)  # logits [B, A], value [B]
 
-    def actor_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The actor's (weight, bias) pairs, for tanh_mlp. They are the parameters themselves (Adam updates them
-        in place), so a list taken once stays current."""
-        return [(layer.weight, layer.bias) for layer in self.actor if isinstance(layer, nn.Linear)]
-
-    def critic_layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The critic's (weight, bias) pairs: tanh_mlp(obs, agent.critic_layers()).squeeze(-1) is agent.value(obs)."""
-        return [(layer.weight, layer.bias) for layer in self.critic if isinstance(layer, nn.Linear)]
-
-
-def tanh_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """The MLP that the (weight, bias) pairs came from, tanh between layers: tanh_mlp(obs, agent.actor_layers())
-    is agent.actor(obs), the same numbers. The rollout calls the actor once a step on a few observations, and the
-    update calls both networks once a minibatch; there nn.Sequential's module calls and the lookup of its weights
-    cost more than the arithmetic, so main looks the layers up once (benchmarks/SPEED.md has the measurements).
-    Calls made once an iteration keep the modules."""
-    *hidden_layers, (weight, bias) = layers
-    for hidden_weight, hidden_bias in hidden_layers:
-        x = torch.tanh(F.linear(x, hidden_weight, hidden_bias))
-    return F.linear(x, weight, bias)
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        """a ~ pi(.|s): one action index per row of obs [B, obs_dim] -> [B]."""
+        return sample_categorical(self.actor(obs))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Environments, logging, checkpoints
+# Training: the article's PPO loop
 # ----------------------------------------------------------------------------------------------------------
 
 
-def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
-    """The num_envs envs, stepped in this process with SAME_STEP autoreset (see SameStepVectorEnv)."""
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    args = tyro.cli(Args, args=argv)
+    torch.set_num_threads(args.torch_threads)
+    device = pick_device(args.cuda)
 
-    def make_one(index: int):
-        def thunk():
-            if args.capture_video and index == 0:
-                env = gym.make(args.env_id, render_mode="rgb_array")
-                return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
-            return gym.make(args.env_id)
+    if args.eval_checkpoint is not None:
+        try:
+            checkpoint = load_checkpoint(args.eval_checkpoint)
+            returns = evaluate(checkpoint, args.eval_episodes, args.seed, device)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        print(f"eval {checkpoint['args']['env_id']}: return {returns.mean():.2f} +- {returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        return {"eval_returns": returns}
 
-        return thunk
+    # Every check happens before anything is written, so bad input leaves no run folder behind.
+    try:
+        check_args(args)
+        obs_dim, n_actions = check_env(args.env_id)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
-    return SameStepVectorEnv([make_one(i) for i in range(args.num_envs)])
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    logger = Logger(args, run_dir, run_name)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = make_envs(args, run_name)
+    agent = Agent(obs_dim, n_actions).to(device)
+    # fused=True: one kernel for the whole Adam step instead of several per parameter (the same arithmetic)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+
+    # Rollout buffer, preallocated on the device and overwritten every iteration.
+    T, N = args.num_steps, args.num_envs
+    obs = torch.zeros((T, N, obs_dim), device=device)
+    actions = torch.zeros((T, N), dtype=torch.long, device=device)
+    rewards = torch.zeros((T, N), device=device)
+    dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
+    truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
+    final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes
+
+    # Episode statistics stay on the host, as the envs report them.
+    ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
+    last_100 = collections.deque(maxlen=100)
+
+    next_obs_np, _ = envs.reset(seed=args.seed)
+    next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
+    global_step, start_time = 0, time.time()
+
+    for iteration in range(1, num_iterations + 1):
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
+        optimizer.param_groups[0]["lr"] = lr
+        ended_return.fill(np.nan)
+        truncated_at.zero_()
+
+        # ---- rollout: T steps of N envs, each action sampled from pi_old at its step ----
+        with torch.inference_mode():  # no autograd here: the rollout only collects data
+            for step in range(T):
+                obs[step] = next_obs
+                action = agent.sample(next_obs)  # [N], a ~ pi_old(.|s)
+                actions[step] = action
+
+                next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())
+                rewards[step] = torch.as_tensor(reward, device=device)
+                dones[step] = torch.as_tensor(terminated | truncated, device=device)
+                if "_final_obs" in info:  # an episode ended in some env: its statistics, its final obs if truncated
+                    time_limit = truncated & ~terminated
+                    if time_limit.any():
+                        mask = torch.as_tensor(time_limit, device=device)
+                        truncated_at[step] = mask
+                        final_obs[step, mask] = torch.as_tensor(
+                            np.stack(info["final_obs"][time_limit]), dtype=torch.float32, device=device
+                        )
+                    ended = info["_episode"]
+                    ended_return[step, ended] = info["episode"]["r"][ended]
+                    ended_length[step, ended] = info["episode"]["l"][ended]
+                next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
+        global_step += T * N
+
+        # ---- pi_old's log-probs and the values of the whole batch, one forward pass ----
+        # (the parameters did not change during the rollout: these are the log-probs the actions were drawn with)
+        b_obs, b_actions = obs.reshape(batch_size, obs_dim), actions.reshape(-1)
+        with torch.no_grad():
+            logits, b_values = agent(b_obs)
+            b_logprobs = categorical_logprob_entropy(logits, b_actions)[0]
+            values = b_values.reshape(T, N)
+            # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
+            # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal.
+            rewards += args.gamma * truncated_at * agent.value(final_obs)
+            advantages, returns = compute_gae(rewards, values, dones, agent.value(next_obs), args.gamma, args.gae_lambda)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+
+        # ---- update: update_epochs passes over the batch in num_minibatches shuffled minibatches ----
+        stats = []  # one [5] tensor per minibatch: policy loss, value loss, entropy, clipfrac, loss
+        stop = False
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb_inds = b_inds[start : start + minibatch_size]
+                logits, new_values = agent(b_obs[mb_inds])
+                new_logprob, entropy = categorical_logprob_entropy(logits, b_actions[mb_inds])
+                if args.target_kl is not None:
+                    # KL of the policy as it is now, on this minibatch: past the target, stop before stepping.
+                    _, kl_now = approx_kl(new_logprob.detach(), b_logprobs[mb_inds])
+                    if kl_now.item() > args.target_kl:
+                        stop = True
+                        break
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = normalize_advantages(mb_advantages)
+                pg_loss, clipfrac = ppo_clip_loss(new_logprob, b_logprobs[mb_inds], mb_advantages, args.clip_coef)
+                v_loss = value_loss(new_values, b_values[mb_inds], b_returns[mb_inds],
+                                    args.clip_coef if args.clip_vloss else None)
+                entropy_mean = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_mean + args.vf_coef * v_loss  # -L^CLIP - c_ent H + c_vf L^V
+
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+                stats.append(torch.stack([pg_loss, v_loss, entropy_mean, clipfrac, loss]).detach())
+            if stop:
+                break
+
+        # ---- diagnostics: one host sync per iteration ----
+        with torch.no_grad():
+            logits = agent.actor(b_obs)
+            kl_k1, kl_k3 = approx_kl(categorical_logprob_entropy(logits, b_actions)[0], b_logprobs)
+            ev = explained_variance(b_values, b_returns)
+        names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss")
+        if stats:  # [minibatches done, 5]; empty only when --target-kl stopped before the first step
+            stats = torch.stack(stats)
+            bad = (~torch.isfinite(stats)).nonzero()
+            if len(bad):
+                minibatch, column = bad[0].tolist()
+                logger.close()
+                envs.close()
+                raise SystemExit(
+                    f"error: {names[column]} is {stats[minibatch, column].item()} at iteration {iteration}, "
+                    f"minibatch {minibatch + 1} (step {global_step}); stopping, nothing saved"
+                )
+        means = stats.mean(0).tolist() if len(stats) else [None] * len(names)
+        ended = ended_return[~np.isnan(ended_return)]
+        last_100.extend(ended.tolist())
+        elapsed = time.time() - start_time
+        logger.log({
+            "iteration": iteration,
+            "global_step": global_step,
+            "time": elapsed,
+            "sps": global_step / elapsed,
+            "learning_rate": lr,
+            **dict(zip(names, means)),
+            "approx_kl_k1": kl_k1.item(),
+            "approx_kl_k3": kl_k3.item(),
+            "explained_variance": ev.item(),
+            "update_minibatches": len(stats),
+            "episodes": len(ended),
+            "episodic_return": float(ended.mean()) if len(ended) else None,
+            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
+            "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+        })
+
+    envs.close()
+    summary = {
+        "global_step": global_step,
+        "time": time.time() - start_time,
+        "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+    }
+    if args.save_model:
+        path = os.path.join(run_dir, f"{SCRIPT}.pt")
+        torch.save({"script": SCRIPT, "model": agent.state_dict(), "args": asdict(args)}, path)
+        eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
+        print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        summary["eval_return_mean"] = float(eval_returns.mean())
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    logger.close()
+    final = summary["episodic_return_100"]
+    print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
+          f"{'-' if final is None else f'{final:.2f}'}; metrics in {run_dir}/metrics.jsonl")
+    return summary
+
+
+# ==========================================================================================================
+# Plumbing a reader may skip: argument checks, devices, the vector env, normaliser storage, logging,
+# checkpoints and evaluation. Nothing below changes the algorithm; main() above is the article's loop.
+# ==========================================================================================================
+
+
+def check_args(args: Args) -> None:
+    """Raise ValueError with one readable sentence for settings that cannot train."""
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches != 0:
+        raise ValueError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
+            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
+        )
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        raise ValueError("minibatches of 1 sample cannot be normalised (--norm-adv): use fewer --num-minibatches")
+    if args.total_timesteps < batch_size:
+        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not 0 <= args.gae_lambda <= 1:
+        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
+    if args.clip_coef <= 0:
+        raise ValueError(f"--clip-coef must be > 0, got {args.clip_coef}")
+    if args.target_kl is not None and args.target_kl <= 0:
+        raise ValueError(f"--target-kl must be > 0 (or None), got {args.target_kl}")
+    if args.capture_video:
+        missing = [m for m in ("moviepy", "pygame") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
+def pick_device(want_cuda: bool) -> torch.device:
+    if want_cuda and not torch.cuda.is_available():
+        print("--cuda: no CUDA device found, running on the CPU")
+    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
 
 
 class SameStepVectorEnv(gym.vector.VectorEnv):
@@ -421,6 +579,21 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
     def close_extras(self, **kwargs) -> None:
         for env in self.envs:
             env.close()
+
+
+def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
+    """The num_envs envs, stepped in this process with SAME_STEP autoreset (see SameStepVectorEnv)."""
+
+    def make_one(index: int):
+        def thunk():
+            if args.capture_video and index == 0:
+                env = gym.make(args.env_id, render_mode="rgb_array")
+                return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
+            return gym.make(args.env_id)
+
+        return thunk
+
+    return SameStepVectorEnv([make_one(i) for i in range(args.num_envs)])
 
 
 def check_env(env_id: str) -> tuple[int, int]:
@@ -520,228 +693,6 @@ def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -
             done = terminated or truncated
     env.close()
     return returns
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
-
-
-def pick_device(want_cuda: bool) -> torch.device:
-    if want_cuda and not torch.cuda.is_available():
-        print("--cuda: no CUDA device found, running on the CPU")
-    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
-
-
-def main(argv: Optional[list[str]] = None) -> Optional[dict]:
-    args = tyro.cli(Args, args=argv)
-    torch.set_num_threads(args.torch_threads)
-    device = pick_device(args.cuda)
-
-    if args.eval_checkpoint is not None:
-        try:
-            checkpoint = load_checkpoint(args.eval_checkpoint)
-            returns = evaluate(checkpoint, args.eval_episodes, args.seed, device)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
-        print(f"eval {checkpoint['args']['env_id']}: return {returns.mean():.2f} +- {returns.std():.2f} "
-              f"over {args.eval_episodes} episodes")
-        return {"eval_returns": returns}
-
-    # Every check happens before anything is written, so bad input leaves no run folder behind.
-    try:
-        check_args(args)
-        obs_dim, n_actions = check_env(args.env_id)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-
-    batch_size = args.num_envs * args.num_steps
-    minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
-    logger = Logger(args, run_dir, run_name)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-
-    envs = make_envs(args, run_name)
-    agent = Agent(obs_dim, n_actions).to(device)
-    params = list(agent.parameters())  # listed once: clip_grad_norm walks this every minibatch
-    # The networks' (weight, bias) pairs for tanh_mlp, looked up once: they are the parameters themselves, which
-    # Adam updates in place, so the lists stay current for the whole run.
-    actor_layers, critic_layers = agent.actor_layers(), agent.critic_layers()
-    # fused=True: one kernel for the whole Adam step instead of several per parameter (same arithmetic).
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
-
-    # Rollout buffer, preallocated on the device and overwritten every iteration.
-    T, N = args.num_steps, args.num_envs
-    obs = torch.zeros((T, N, obs_dim), device=device)
-    actions = torch.zeros((T, N), dtype=torch.long, device=device)
-    rewards = torch.zeros((T, N), device=device)
-    dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
-    truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
-    final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes
-
-    # The rollout is collected in host (numpy) twins of those buffers, then copied into them once, after it:
-    # a numpy write costs a fraction of a torch one, and a GPU gets one transfer per buffer instead of one a step.
-    obs_host, actions_host = np.zeros((T, N, obs_dim), dtype=np.float32), np.zeros((T, N), dtype=np.int64)
-    rewards_host, dones_host = np.zeros((T, N), dtype=np.float32), np.zeros((T, N), dtype=np.float32)
-    truncated_at_host, final_obs_host = np.zeros((T, N), dtype=np.float32), np.zeros((T, N, obs_dim), dtype=np.float32)
-    ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
-    last_100 = collections.deque(maxlen=100)
-
-    next_obs_np, _ = envs.reset(seed=args.seed)
-    next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
-    global_step, start_time = 0, time.time()
-
-    for iteration in range(1, num_iterations + 1):
-        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
-        optimizer.param_groups[0]["lr"] = lr
-        ended_return.fill(np.nan)
-        truncated_at_host.fill(0.0)
-
-        # ---- rollout: T steps of N envs; per step only the actor runs (the critic runs once, batched, below) ----
-        # No autograd in the rollout: inference_mode is entered once around the loop (entering it costs ~8 us a
-        # step), and the Gumbel noise of all T sampling steps is drawn in one call.
-        gumbel = -torch.empty((T, N, n_actions), device=device).exponential_().log()
-        with torch.inference_mode():
-            for step in range(T):
-                obs_host[step] = next_obs_np
-                logits = tanh_mlp(next_obs, actor_layers)  # [N, A], the same as agent.actor(next_obs)
-                action = sample_categorical(logits, gumbel[step]).cpu().numpy()  # [N], a ~ pi_old(.|s)
-                actions_host[step] = action
-
-                next_obs_np, reward, terminated, truncated, info = envs.step(action)
-                rewards_host[step] = reward
-                dones_host[step] = terminated | truncated
-                if "_episode" in info:  # an episode ended in some env: keep its statistics (and final obs if truncated)
-                    time_limit = truncated & ~terminated
-                    truncated_at_host[step] = time_limit
-                    if time_limit.any():
-                        final_obs_host[step, time_limit] = np.stack(info["final_obs"][time_limit])
-                    ended = info["_episode"]
-                    ended_return[step, ended] = info["episode"]["r"][ended]
-                    ended_length[step, ended] = info["episode"]["l"][ended]
-                next_obs = torch.as_tensor(next_obs_np, dtype=torch.float32, device=device)
-        global_step += T * N
-        for buffer, host in (
-            (obs, obs_host), (actions, actions_host), (rewards, rewards_host), (dones, dones_host),
-            (truncated_at, truncated_at_host), (final_obs, final_obs_host),
-        ):
-            buffer.copy_(torch.from_numpy(host))  # copy_ casts and moves to the device
-
-        # ---- pi_old's log-probs and values for the whole batch, one forward pass ----
-        b_obs, b_actions = obs.reshape(batch_size, obs_dim), actions.reshape(-1)
-        with torch.no_grad():
-            logits, b_values = agent(b_obs)
-            b_logprobs = categorical_logprob_entropy(logits, b_actions)[0]
-            values = b_values.reshape(T, N)
-            # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
-            # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal.
-            rewards += args.gamma * truncated_at * agent.value(final_obs)
-            advantages, returns = compute_gae(rewards, values, dones, agent.value(next_obs), args.gamma, args.gae_lambda)
-        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-
-        # ---- update: update_epochs passes of num_minibatches minibatches ----
-        stats = []  # one [5] tensor per minibatch: policy loss, value loss, entropy, clipfrac, loss
-        stop = False
-        for epoch in range(args.update_epochs):
-            # Shuffle once per epoch (one gather per tensor); the minibatches are then contiguous slices (views).
-            permutation = torch.randperm(batch_size, device=device)
-            e_obs, e_actions, e_logprobs, e_advantages, e_returns, e_values = (
-                x[permutation] for x in (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
-            )
-            for start in range(0, batch_size, minibatch_size):
-                mb = slice(start, start + minibatch_size)
-                mb_obs = e_obs[mb]
-                logits = tanh_mlp(mb_obs, actor_layers)  # [M, A], agent.actor(mb_obs)
-                new_values = tanh_mlp(mb_obs, critic_layers).squeeze(-1)  # [M], agent.value(mb_obs)
-                new_logprob, entropy = categorical_logprob_entropy(logits, e_actions[mb])
-                if args.target_kl is not None:
-                    # KL of the policy as it is now, on this minibatch: past the target, stop before stepping.
-                    _, kl_now = approx_kl(new_logprob.detach(), e_logprobs[mb])
-                    if kl_now.item() > args.target_kl:
-                        stop = True
-                        break
-                mb_advantages = normalize_advantages(e_advantages[mb]) if args.norm_adv else e_advantages[mb]
-                pg_loss, clipfrac = ppo_clip_loss(new_logprob, e_logprobs[mb], mb_advantages, args.clip_coef)
-                v_loss = value_loss(new_values, e_values[mb], e_returns[mb], args.clip_coef if args.clip_vloss else None)
-                entropy_mean = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_mean + args.vf_coef * v_loss
-
-                for param in params:  # what optimizer.zero_grad(set_to_none=True) does, without its per-call hooks
-                    param.grad = None
-                loss.backward()
-                clip_grad_norm(params, args.max_grad_norm)
-                optimizer.step()
-                stats.append(torch.stack([pg_loss, v_loss, entropy_mean, clipfrac, loss]).detach())
-            if stop:
-                break
-
-        # ---- diagnostics: one host sync per iteration ----
-        with torch.no_grad():
-            logits = agent.actor(b_obs)
-            kl_k1, kl_k3 = approx_kl(categorical_logprob_entropy(logits, b_actions)[0], b_logprobs)
-            ev = explained_variance(b_values, b_returns)
-        names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss")
-        if stats:  # [minibatches done, 5]; empty only when --target-kl stopped before the first step
-            stats = torch.stack(stats)
-            bad = (~torch.isfinite(stats)).nonzero()
-            if len(bad):
-                minibatch, column = bad[0].tolist()
-                logger.close()
-                envs.close()
-                raise SystemExit(
-                    f"error: {names[column]} is {stats[minibatch, column].item()} at iteration {iteration}, "
-                    f"minibatch {minibatch + 1} (step {global_step}); stopping, nothing saved"
-                )
-        means = stats.mean(0).tolist() if len(stats) else [None] * len(names)
-        ended = ended_return[~np.isnan(ended_return)]
-        last_100.extend(ended.tolist())
-        elapsed = time.time() - start_time
-        logger.log({
-            "iteration": iteration,
-            "global_step": global_step,
-            "time": elapsed,
-            "sps": global_step / elapsed,
-            "learning_rate": lr,
-            **dict(zip(names, means)),
-            "approx_kl_k1": kl_k1.item(),
-            "approx_kl_k3": kl_k3.item(),
-            "explained_variance": ev.item(),
-            "update_minibatches": len(stats),
-            "episodes": len(ended),
-            "episodic_return": float(ended.mean()) if len(ended) else None,
-            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
-            "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
-        })
-
-    envs.close()
-    summary = {
-        "global_step": global_step,
-        "time": time.time() - start_time,
-        "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
-    }
-    if args.save_model:
-        path = os.path.join(run_dir, f"{SCRIPT}.pt")
-        torch.save({"script": SCRIPT, "model": agent.state_dict(), "args": asdict(args)}, path)
-        eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
-        print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
-              f"over {args.eval_episodes} episodes")
-        summary["eval_return_mean"] = float(eval_returns.mean())
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    logger.close()
-    final = summary["episodic_return_100"]
-    print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
-          f"{'-' if final is None else f'{final:.2f}'}; metrics in {run_dir}/metrics.jsonl")
-    return summary
 
 
 if __name__ == "__main__":
