@@ -2,7 +2,7 @@
 policy, and DPO on the same preference pairs for comparison. Everything is synthetic, so the truth is known.
 
 Run:
-    python ppo_rlhf_toy.py                                   # the whole pipeline (~1-2 min of CPU, 1 thread)
+    python ppo_rlhf_toy.py                                   # the whole pipeline (run time: benchmarks/RESULTS.md)
     python ppo_rlhf_toy.py --beta 0 --ppo-iterations 80      # no KL penalty: proxy rises, gold peaks then falls
     python ppo_rlhf_toy.py --adaptive-kl --kl-target 2       # beta adapted to a KL target (Ziegler et al. 2019)
     python ppo_rlhf_toy.py --save-model                      # also writes runs/<run_name>/ppo_rlhf_toy.pt
@@ -40,8 +40,8 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
     "Adaptive KL penalty"  beta moved towards a KL target (Ziegler's controller)       -> AdaptiveKLController
     "Why RLHF is harder than CartPole"  learnt, noisy RM; low-variance GAE over tokens -> compute_gae, main
     "Where DPO, IPO and KTO fit"  DPO's contrastive loss on the preference pairs       -> dpo_loss
-    "A complete PPO implementation"  GAE, L^CLIP + c_vf L^V - c_ent H, grad-norm clip -> compute_gae, ppo_clip_loss,
-                                                                                        value_loss, run_ppo
+    "A complete PPO implementation"  GAE, minimise -L^CLIP + c_vf L^V - c_ent H,       -> compute_gae, ppo_clip_loss,
+                                     grad-norm clip                                     value_loss, run_ppo
     "Debugging checklist"  approx KL k1/k3, clip fraction, explained variance,
                            advantage whitening (over real tokens only)                -> approx_kl, explained_variance,
                                                                                         masked_whiten
@@ -153,7 +153,8 @@ class Args:
     anneal_lr: bool = False
     """decay the learning rate linearly to 0 over the PPO iterations"""
     num_minibatches: int = 4
-    """minibatches (of whole responses) per epoch; must divide --rollout-batch-size"""
+    """minibatches (of whole responses) per epoch; must divide --rollout-batch-size, leaving two responses or more
+    per minibatch with --norm-adv"""
     update_epochs: int = 4
     """passes over each rollout (trl: 4)"""
     gamma: float = 1.0
@@ -253,15 +254,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(values - mean) / (std + 1e-8) with mean and std over the real positions only; padding is returned as 0.
 
-    The same arithmetic as normalize_advantages in the other scripts (unbiased std), so
-    masked_whiten(x, mask)[mask] == normalize_advantages(x[mask]): whitening the padded batch is whitening the
-    real tokens alone.
+    The same arithmetic as normalize_advantages in the other scripts (unbiased std), so for two or more real
+    tokens masked_whiten(x, mask)[mask] == normalize_advantages(x[mask]): whitening the padded batch is whitening
+    the real tokens alone. One real token has no spread to estimate: where the unbiased std (and so
+    normalize_advantages) gives NaN, its value comes out 0, its distance from the mean. run_ppo never whitens
+    fewer than two tokens: check_args refuses minibatches of one response (which may be a lone EOS).
 
     Example: values [[1, 3, 100]], mask [[1, 1, 0]] -> mean 2, std 1.414 -> [[-0.7071, 0.7071, 0]].
     """
     mask = mask.bool()
     centred = torch.where(mask, values - masked_mean(values, mask), 0.0)
-    std = (centred.pow(2).sum() / (mask.sum() - 1)).sqrt()  # unbiased, as torch.std
+    std = (centred.pow(2).sum() / (mask.sum() - 1).clamp(min=1)).sqrt()  # unbiased, as torch.std, from 2 tokens on
     return torch.where(mask, centred / (std + 1e-8), 0.0)
 
 
@@ -823,7 +826,7 @@ def run_ppo(policy: TinyLM, ref_policy: TinyLM, reward_model: TinyLM, args: Args
                 v_loss = value_loss(new_values[m], values[mb][m], returns[mb][m],
                                     args.clip_coef if args.clip_vloss else None)
                 entropy_mean = masked_mean(token_entropy(logits, m), m)
-                loss = pg_loss - args.ent_coef * entropy_mean + args.vf_coef * v_loss
+                loss = pg_loss - args.ent_coef * entropy_mean + args.vf_coef * v_loss  # -L^CLIP - c_ent H + c_vf L^V
 
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -1048,6 +1051,10 @@ def check_args(args: Args) -> None:
     if args.rollout_batch_size % args.num_minibatches != 0:
         raise ValueError(f"--num-minibatches {args.num_minibatches} does not divide --rollout-batch-size "
                          f"{args.rollout_batch_size}")
+    if args.norm_adv and args.rollout_batch_size // args.num_minibatches < 2:
+        raise ValueError(f"--rollout-batch-size {args.rollout_batch_size} / --num-minibatches {args.num_minibatches}"
+                         " leaves one response per minibatch, which may be a single token (EOS): --norm-adv whitens"
+                         " advantages over a minibatch's tokens and needs two responses or more per minibatch")
     if args.prompt_len < 1 or args.vocab_size - FIRST_CONTENT <= args.prompt_len:
         raise ValueError(f"--prompt-len {args.prompt_len} needs 1 <= prompt-len < vocab-size - {FIRST_CONTENT} "
                          f"(= {args.vocab_size - FIRST_CONTENT} content tokens), so that some are not in the prompt")

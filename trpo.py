@@ -120,7 +120,7 @@ class Args:
     """conjugate-gradient iterations, each one Fisher-vector product (Spinning Up cg_iters 10;
     sb3-contrib cg_max_steps 15; rl-baselines3-zoo MuJoCo 25)"""
     cg_damping: float = 0.1
-    """lambda of F + lambda I: keeps CG well posed where F is nearly singular (sb3-contrib and Spinning Up: 0.1)"""
+    """lambda of F + lambda I, > 0: keeps CG well posed where F is singular (sb3-contrib and Spinning Up: 0.1)"""
     backtrack_coef: float = 0.8
     """each rejected step is shrunk by this factor (sb3-contrib line_search_shrinking_factor 0.8, Spinning Up
     backtrack_coeff 0.8; the article's 'halving' is 0.5)"""
@@ -288,8 +288,10 @@ def gaussian_kl(
 def surrogate(new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
     """The importance-sampled surrogate L(theta) = mean(r A), r = pi_theta(a|s) / pi_old(a|s) = exp(new - old).
 
-    At theta = theta_old, r = 1, so L = mean(A) and grad L = mean(A grad log pi): the policy gradient
-    (article, "Importance sampling": locally the same value and gradient as J). TRPO maximises it; no clip.
+    At theta = theta_old, r = 1, so grad L = mean(A grad log pi): the policy gradient, the gradient of the
+    expected return J. Only the gradients match: L(theta_old) = mean(A) (0 with --norm-adv), while J(theta_old)
+    is the expected return itself. The article ("Importance sampling") is loose there: it says "the same value
+    and gradient"; only the gradient holds, which is all a step needs. TRPO maximises L; no clip.
 
     Example: new - old = log 2 on one sample with A = 3, and 0 on one with A = -1 -> mean(6, -1) = 2.5.
     """
@@ -364,6 +366,11 @@ def conjugate_gradient(
     squared residual norm at exit. In exact arithmetic CG solves an n x n system in n steps, and in k steps when A
     has k distinct eigenvalues. TRPO calls it with A = F + damping I and b = g (article, "Conjugate gradient").
 
+    CG assumes A positive definite. On a direction of non-positive curvature (p^T A p <= 0, or not finite) it
+    stops with the current x instead of dividing by p^T A p: for the first step that is x = 0, whose TRPO step is
+    0, which the line search then rejects. With damping > 0 (check_args) F + damping I is positive definite, so
+    only rounding or a non-finite F v gets there; where p^T A p > 0 every number is what it was without the check.
+
     Example: A = diag(2, 2), b = [2, 4] -> one product: alpha = 20 / 40, x = [1, 2], r = 0.
     """
     x = torch.zeros_like(b)
@@ -374,7 +381,10 @@ def conjugate_gradient(
         if rdotr <= residual_tol:
             break
         Ap = Avp(p)
-        alpha = rdotr / (p @ Ap)
+        curvature = p @ Ap
+        if not 0.0 < curvature.item() < math.inf:  # NaN fails this too
+            break
+        alpha = rdotr / curvature
         x = x + alpha * p
         r = r - alpha * Ap
         new_rdotr = r @ r
@@ -837,7 +847,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         ended_return.fill(np.nan)
         truncated_at.zero_()
 
-        # ---- rollout: T steps of N envs; per step only the actor runs (the critic runs once, batched, below) ----
+        # ---- rollout: T steps of N envs, each action sampled from pi_old at its step (the critic runs after it) ----
         for step in range(T):
             obs[step] = next_obs
             with torch.inference_mode():
@@ -906,7 +916,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             for start in range(0, batch_size, minibatch_size):
                 mb = permutation[start : start + minibatch_size]
                 v_loss = value_loss(critic(b_obs[mb]), b_values[mb], b_returns[mb], None)  # plain MSE, no clip
-                critic_optimizer.zero_grad(set_to_none=True)
+                critic_optimizer.zero_grad()
                 v_loss.backward()
                 critic_optimizer.step()
                 v_losses.append(v_loss.detach())
@@ -997,8 +1007,9 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
     if args.max_kl <= 0:
         raise ValueError(f"--max-kl must be > 0, got {args.max_kl}")
-    if args.cg_damping < 0:
-        raise ValueError(f"--cg-damping must be >= 0, got {args.cg_damping}")
+    if args.cg_damping <= 0:
+        raise ValueError(f"--cg-damping must be > 0 (F alone can be singular, and CG needs a positive-definite "
+                         f"matrix), got {args.cg_damping}")
     if not 0 < args.backtrack_coef < 1:
         raise ValueError(f"--backtrack-coef must be in (0, 1), got {args.backtrack_coef}")
     if args.capture_video:
@@ -1198,7 +1209,8 @@ def load_checkpoint(path: str) -> dict:
 
 def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -> np.ndarray:
     """Returns of `episodes` full episodes of the saved policy acting greedily (argmax of the logits, or the
-    Gaussian's mean clipped to the bounds), on observations normalised with the saved, frozen statistics."""
+    Gaussian's mean clipped to the bounds), on observations normalised as training normalises them, with the
+    saved, frozen statistics."""
     env_id = checkpoint["args"]["env_id"]
     obs_dim, action_space = check_env(env_id)
     policy = make_policy(obs_dim, action_space).to(device)
@@ -1213,9 +1225,10 @@ def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -
         obs, _ = env.reset(seed=seed + episode)
         done = False
         while not done:
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            if obs_rms is not None:
-                obs_t = obs_rms.normalize(obs_t)
+            if obs_rms is None:
+                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+            else:  # as main's observe(): the env's observation, not a float32 rounding of it, is normalised
+                obs_t = obs_rms.normalize(torch.as_tensor(obs, dtype=torch.float64, device=device))
             with torch.no_grad():
                 action = policy.mode(policy(obs_t))
             obs, reward, terminated, truncated, _ = env.step(policy.env_action(action))

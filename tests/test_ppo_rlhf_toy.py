@@ -115,6 +115,13 @@ def test_masked_whiten_equals_whitening_the_unpadded_values():
     torch.testing.assert_close(example, torch.tensor([[-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0]]))
 
 
+def test_masked_whiten_of_a_single_real_token_is_zero_not_nan():
+    """One real token has no spread to divide by: the unbiased std of one number is NaN, and its whitened value
+    is 0, its distance from the mean."""
+    whitened = rlhf.masked_whiten(torch.tensor([[5.0, 7.0, 9.0]]), torch.tensor([[0, 1, 0]]))
+    assert torch.equal(whitened, torch.zeros(1, 3))
+
+
 def test_response_mask_last_token_and_dones():
     PAD, EOS = rlhf.PAD, rlhf.EOS
     responses = torch.tensor([[5, EOS, PAD, PAD], [4, 6, 7, 8], [EOS, PAD, PAD, PAD]])
@@ -362,6 +369,18 @@ def test_bad_input_exits_before_anything_is_written(tmp_path, monkeypatch, argv,
         rlhf.main(argv)
     assert message in str(exc.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_minibatches_of_one_response_are_refused_when_advantages_are_whitened(tmp_path, monkeypatch):
+    """A response can be a lone EOS, so a minibatch of one response can hold one token, with nothing to whiten
+    against; two responses always hold two tokens or more."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: --rollout-batch-size 16 / --num-minibatches 16 leaves one "
+                                         r"response per minibatch"):
+        rlhf.main(TINY + ["--num-minibatches", "16"])
+    assert not (tmp_path / "runs").exists()
+    rlhf.check_args(rlhf.Args(rollout_batch_size=16, num_minibatches=16, norm_adv=False))  # nothing is whitened
+    rlhf.check_args(rlhf.Args(rollout_batch_size=16, num_minibatches=8))
 
 
 def test_bad_input_is_one_line_on_stderr_without_traceback(tmp_path):

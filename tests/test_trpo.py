@@ -89,6 +89,21 @@ def test_conjugate_gradient_stops_at_the_residual_tolerance():
     assert residual_before.item() > tol
 
 
+def test_conjugate_gradient_stops_where_the_curvature_is_not_positive():
+    """CG divides by p^T A p. Where A is not positive definite along p (0, negative, or a NaN product) it returns
+    the x it has, finite, instead of a step of inf or NaN."""
+    def diag(*d):
+        return torch.diag(torch.tensor(d, dtype=torch.float64))
+
+    b = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for product in (lambda v: diag(1.0, 0.0) @ v, lambda v: diag(1.0, -1.0) @ v, lambda v: v * float("nan")):
+        x, residual = trpo.conjugate_gradient(product, b, 10, 1e-10)
+        assert torch.equal(x, torch.zeros(2, dtype=torch.float64)) and residual.item() == 1.0
+    # at the second step: p = b = [1, 1] has curvature 2, alpha 1, x = [1, 1]; the next p = [0, 2] has curvature 0
+    x, residual = trpo.conjugate_gradient(lambda v: diag(2.0, 0.0) @ v, torch.ones(2, dtype=torch.float64), 10, 1e-10)
+    assert torch.equal(x, torch.ones(2, dtype=torch.float64)) and residual.item() == 2.0
+
+
 # ---------------------------------------------------------------------------------------------------------
 # flat parameters and gradients
 # ---------------------------------------------------------------------------------------------------------
@@ -585,6 +600,62 @@ def test_time_limit_is_bootstrapped_on_the_normalised_scale(tmp_path, monkeypatc
     assert abs(bootstrap) > 1e-3  # the check above would be vacuous if V(s_final) were 0
 
 
+class BigObservationEnv(CountingEnv):
+    """CountingEnv with float64 observations 1e6 + steps / 10: float32 cannot hold them (its spacing at 1e6 is
+    1/16), so normalising a float32 copy gives other numbers than normalising the observation."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float64)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)  # t = 0
+        return np.array([1e6]), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([1e6 + self.t / 10]), 1.0, False, False, {}
+
+
+gym.register("TrpoBigObservation-v0", entry_point=BigObservationEnv, max_episode_steps=4)
+
+
+class MillionRunningMeanStd(trpo.RunningMeanStd):
+    """Fixed statistics: observations (x - 1e6) / 0.1."""
+
+    def __init__(self, shape, device):
+        super().__init__(shape, device)
+        self.mean.fill_(1e6)
+        self.var.fill_(0.01)
+
+    def update(self, batch):
+        pass
+
+
+def test_evaluation_feeds_the_policy_what_training_feeds_it(tmp_path, monkeypatch):
+    """The same raw observations, step by step of an episode, reach the policy as the same input in the rollout
+    and in evaluate(): the float64 observation normalised with the float64 statistics, then cast."""
+    monkeypatch.chdir(tmp_path)
+    inputs = []
+
+    class SpyPolicy(trpo.CategoricalPolicy):
+        def forward(self, obs):
+            inputs.append(obs.detach().clone())
+            return super().forward(obs)
+
+    monkeypatch.setattr(trpo, "make_policy", lambda obs_dim, action_space: SpyPolicy(obs_dim, action_space.n))
+    monkeypatch.setattr(trpo, "RunningMeanStd", MillionRunningMeanStd)
+    trpo.main(["--env-id", "TrpoBigObservation-v0", "--total-timesteps", "4", "--num-envs", "1", "--num-steps", "4",
+               "--num-minibatches", "1", "--vf-iters", "1", "--no-norm-reward", "--save-model",
+               "--eval-episodes", "1"])
+    rollout = [x.reshape(1) for x in inputs if x.shape == (1, 1)]  # one env: [N = 1, obs_dim = 1] per step
+    evaluation = [x for x in inputs if x.shape == (1,)]  # one observation at a time
+    assert len(rollout) == len(evaluation) == 4  # both: the steps 0..3 of one episode
+    for t, (seen_in_training, seen_in_evaluation) in enumerate(zip(rollout, evaluation)):
+        assert torch.equal(seen_in_evaluation, seen_in_training), t
+    assert rollout[3].item() == pytest.approx(3.0, rel=1e-6)  # (1e6 + 0.3 - 1e6) / sqrt(0.01 + 1e-8)
+    rms = MillionRunningMeanStd((1,), torch.device("cpu"))
+    assert not torch.equal(rms.normalize(torch.tensor([1e6 + 0.3], dtype=torch.float32)), rollout[3])  # not vacuous
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
@@ -602,6 +673,18 @@ def test_bad_input_exits_before_training(tmp_path, argv, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("damping", ["0", "-0.1"])
+def test_cg_damping_must_be_positive(tmp_path, monkeypatch, damping):
+    """F alone can be singular: without damping, CG can meet a direction of zero curvature."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        trpo.main([*TINY, "--cg-damping", damping])
+    message = str(exit_info.value)
+    assert message.startswith("error: --cg-damping must be > 0 ") and message.endswith(f"got {float(damping)}")
+    assert "\n" not in message
     assert not (tmp_path / "runs").exists()
 
 
