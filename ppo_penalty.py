@@ -140,41 +140,8 @@ class Args:
     """clip the global gradient norm to this (typical 0.5 to 1)"""
 
 
-def check_args(args: Args) -> None:
-    """Raise ValueError with one readable sentence for settings that cannot train."""
-    if args.learning_rate <= 0:
-        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "torch_threads"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches != 0:
-        raise ValueError(
-            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
-            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
-        )
-    if args.norm_adv and batch_size // args.num_minibatches < 2:
-        raise ValueError("minibatches of 1 sample cannot be normalised (--norm-adv): use fewer --num-minibatches")
-    if args.total_timesteps < batch_size:
-        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
-    if not 0 < args.gamma <= 1:
-        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
-    if not 0 <= args.gae_lambda <= 1:
-        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
-    if not (math.isfinite(args.kl_target) and args.kl_target > 0):
-        raise ValueError(f"--kl-target must be > 0, got {args.kl_target}")
-    if not BETA_MIN <= args.init_beta <= BETA_MAX:
-        raise ValueError(f"--init-beta must be in [{BETA_MIN:g}, {BETA_MAX:g}], got {args.init_beta}")
-    if args.clip_coef <= 0:
-        raise ValueError(f"--clip-coef must be > 0, got {args.clip_coef}")
-    if args.capture_video:
-        missing = [m for m in ("moviepy", "pygame") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Pure functions: tensors in, tensors out. The tests import these; the other scripts carry identical copies.
+# The article's functions: tensors in, tensors out. Other scripts carry identical copies (tests/test_contract.py)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -276,18 +243,24 @@ def sample_categorical(logits: torch.Tensor, gumbel: Optional[torch.Tensor] = No
 
 
 def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log pi(a|s) of a diagonal Gaussian, summed over the last (action) dimension.
+    """log pi(a|s) of a diagonal Gaussian N(mean, exp(log_std)^2), summed over the last (action) dimension.
 
-    mean, actions: [B, D]; log_std: [B, D] or [D] (broadcast). Per dimension
+    The action dimensions are drawn independently, so the joint density is the product of the per-dimension
+    densities and its log the sum of
         log N(a; mu, sigma) = -(a - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2.
-    Example: mean 0, log_std 0, action 0 in D = 2 dims -> 2 * (-0.9189...) = -1.8379.
+    mean, actions: [..., D]; log_std: [D] (state-independent) or [..., D]. Returns [...].
+    Written out instead of torch.distributions.Normal: the same numbers, no distribution object per call.
+
+    Example: mean [0, 0], log_std [0, 0], action [1, 0] -> -0.5 - log(2 pi) = -2.3379.
     """
-    z = (actions - mean) * (-log_std).exp()  # (a - mu) / sigma
+    z = (actions - mean) * (-log_std).exp()  # (a - mu) / sigma: the action in standard deviations from the mean
     return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(dim=-1)
 
 
 def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
-    """Entropy of a diagonal Gaussian, summed over the last dimension: sum(log sigma + (1 + log 2 pi) / 2)."""
+    """Entropy of a diagonal Gaussian, summed over the last (action) dimension:
+    H = sum_d (log sigma_d + (1 + log 2 pi) / 2). It does not depend on the mean; with a state-independent
+    log_std it is the same for every state. Example: log_std [0] -> 1.4189; log_std [0, log 2] -> 3.5310."""
     return (log_std + 0.5 * (1.0 + math.log(2 * math.pi))).sum(dim=-1)
 
 
@@ -307,7 +280,9 @@ def gaussian_kl(
     """Exact KL(pi_old || pi_new) of two diagonal Gaussians, summed over the last dimension: [B, D] -> [B].
 
     Per dimension: log(sigma_new / sigma_old) + (sigma_old^2 + (mu_old - mu_new)^2) / (2 sigma_new^2) - 1/2.
-    Example: mu 0 -> 1 with sigma 1 -> 1: 0 + (1 + 1) / 2 - 1/2 = 0.5 per dimension.
+    Example: mu 0 -> 1 with sigma 1 -> 1: 0 + (1 + 1) / 2 - 1/2 = 0.5 per dimension. The article's "parameter
+    space lies" pair, N(0, 0.01) vs N(0, 10), read as standard deviations: close parameters, yet
+    KL = log(10 / 0.01) + 0.01^2 / (2 * 10^2) - 1/2 = 6.41 nats.
     """
     variance_ratio = (2.0 * (old_log_std - new_log_std)).exp()  # sigma_old^2 / sigma_new^2
     mean_term = (old_mean - new_mean) ** 2 * (-2.0 * new_log_std).exp()  # (mu_old - mu_new)^2 / sigma_new^2
@@ -354,21 +329,6 @@ def update_beta(beta: float, kl: float, kl_target: float) -> float:
     elif kl < kl_target / 1.5:
         beta = beta / 2.0
     return min(max(beta, BETA_MIN), BETA_MAX)
-
-
-def compute_array(x, device: torch.device):
-    """x (a tensor or a numpy array) in float64, as the running statistics below compute with it: a numpy array
-    on the CPU, a tensor on `device` otherwise. Not a copy where x is a float64 CPU tensor or array already:
-    the array then shares x's memory, so `array += y` changes x.
-
-    Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
-    is all call overhead: 0.3-1.1 us a call for numpy against 1.2-2.2 us for torch
-    (benchmarks/normaliser_cost.py; 18 -> 11 us per step for update + normalize). The code that uses these
-    arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs
-    unchanged on a GPU's tensors."""
-    if device.type == "cpu":
-        return np.asarray(x, dtype=np.float64)
-    return torch.as_tensor(x, dtype=torch.float64, device=device)
 
 
 class RunningMeanStd:
@@ -562,8 +522,9 @@ class Agent(nn.Module):
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.dist_params(obs), self.value(obs)  # params [B, P], value [B]
 
-    def sample(self, params: torch.Tensor) -> torch.Tensor:
-        """a ~ pi(.|s): [B] action indices, or [B, D] unclipped Gaussian actions."""
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        """a ~ pi(.|s) for each row of obs [B, obs_dim]: [B] action indices, or [B, D] unclipped Gaussian actions."""
+        params = self.dist_params(obs)
         if self.discrete:
             return sample_categorical(params)
         mean, log_std = params.chunk(2, dim=-1)
@@ -588,8 +549,304 @@ class Agent(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Environments, logging, checkpoints
+# Training: the article's PPO-Penalty loop
 # ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    args = tyro.cli(Args, args=argv)
+    torch.set_num_threads(args.torch_threads)
+    device = pick_device(args.cuda)
+
+    if args.eval_checkpoint is not None:
+        try:
+            checkpoint = load_checkpoint(args.eval_checkpoint)
+            returns = evaluate(checkpoint, args.eval_episodes, args.seed, device)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        print(f"eval {checkpoint['args']['env_id']}: return {returns.mean():.2f} +- {returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        return {"eval_returns": returns}
+
+    # Every check happens before anything is written, so bad input leaves no run folder behind.
+    try:
+        check_args(args)
+        obs_dim, act_dim, discrete = check_env(args.env_id)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    batch_size = args.num_envs * args.num_steps
+    minibatch_size = batch_size // args.num_minibatches
+    num_iterations = args.total_timesteps // batch_size
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    logger = Logger(args, run_dir, run_name)
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    envs = make_envs(args, run_name)
+    agent = Agent(obs_dim, act_dim, discrete).to(device)
+    # fused=True: one kernel for the whole Adam step instead of several per parameter (the same arithmetic)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    beta = args.init_beta
+    if not discrete:
+        action_low = torch.as_tensor(envs.single_action_space.low, dtype=torch.float32, device=device)  # [D]
+        action_high = torch.as_tensor(envs.single_action_space.high, dtype=torch.float32, device=device)  # [D]
+    # Box envs: observation normalisation and reward scaling, statistics on the device. The reward is divided by
+    # the running std of each env's discounted return (not of the reward), as gymnasium's NormalizeReward does.
+    obs_rms = RunningMeanStd((obs_dim,), device) if not discrete else None
+    reward_scaler = RewardScaler(args.num_envs, args.gamma, device) if not discrete else None
+
+    def observe(raw: np.ndarray) -> torch.Tensor:
+        """The envs' observations [n, obs_dim] -> what the networks see: float32 on the device; Box envs:
+        normalised with the running statistics (which the caller updates)."""
+        if obs_rms is None:
+            return torch.as_tensor(raw, dtype=torch.float32, device=device)
+        return obs_rms.normalize(raw)
+
+    # Rollout buffer, preallocated on the device and overwritten every iteration.
+    T, N = args.num_steps, args.num_envs
+    obs = torch.zeros((T, N, obs_dim), device=device)  # what the policy saw (normalised for Box envs)
+    if discrete:
+        actions = torch.zeros((T, N), dtype=torch.long, device=device)
+    else:
+        actions = torch.zeros((T, N, act_dim), device=device)  # the unclipped Gaussian samples
+    raw_rewards = torch.zeros((T, N), dtype=torch.float64, device=device)  # as the envs return them
+    dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
+    truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
+    final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes, as V sees it
+
+    # Episode statistics stay on the host, as the envs report them (unscaled returns).
+    ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
+    last_100 = collections.deque(maxlen=100)
+
+    raw_obs, _ = envs.reset(seed=args.seed)  # [N, obs_dim], numpy as the envs return it
+    if obs_rms is not None:
+        obs_rms.update(raw_obs)
+    next_obs = observe(raw_obs)
+    global_step, start_time = 0, time.time()
+
+    for iteration in range(1, num_iterations + 1):
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
+        optimizer.param_groups[0]["lr"] = lr
+        ended_return.fill(np.nan)
+        truncated_at.zero_()
+
+        # ---- rollout: T steps of N envs, each action sampled from pi_old at its step ----
+        with torch.inference_mode():  # no autograd here: the rollout only collects data
+            for step in range(T):
+                obs[step] = next_obs
+                action = agent.sample(next_obs)  # [N] or [N, D], a ~ pi_old(.|s)
+                actions[step] = action
+                # Box: clipped only for the env; the update needs log pi_old of the sample the policy really drew.
+                env_action = action if discrete else torch.clamp(action, action_low, action_high)
+
+                raw_obs, reward, terminated, truncated, info = envs.step(env_action.cpu().numpy())
+                raw_rewards[step] = torch.as_tensor(reward, device=device)
+                dones[step] = torch.as_tensor(terminated | truncated, device=device)
+                if "_final_obs" in info:  # an episode ended in some env
+                    # The last observations of the episodes that ended (raw_obs holds their reset ones); Box
+                    # envs count them in the statistics too, before the reset ones: they are real states of the
+                    # env (as in ppo_continuous.py, where counting them was measured: benchmarks/RESULTS.md).
+                    ended = info["_final_obs"]
+                    ended_final = np.stack(info["final_obs"][ended])  # [n_ended, obs_dim]
+                    if obs_rms is not None:
+                        obs_rms.update(ended_final)
+                if obs_rms is not None:
+                    obs_rms.update(raw_obs)  # the observations the policy will act on (reset ones included)
+                next_obs = observe(raw_obs)
+                if "_final_obs" in info:
+                    time_limit = truncated & ~terminated  # a subset of ended
+                    if time_limit.any():
+                        mask = torch.as_tensor(time_limit, device=device)
+                        truncated_at[step] = mask
+                        # normalised with the statistics next_obs was normalised with: V sees its usual input
+                        final_obs[step, mask] = observe(ended_final[time_limit[ended]])  # the time-limit ones
+                    ended_return[step, ended] = info["episode"]["r"][ended]
+                    ended_length[step, ended] = info["episode"]["l"][ended]
+        global_step += T * N
+
+        # ---- pi_old's distribution parameters, log-probs and values for the whole batch, one forward pass ----
+        # (the parameters did not change during the rollout, so this is the policy that sampled the actions)
+        b_obs = obs.reshape(batch_size, obs_dim)
+        b_actions = actions.reshape((batch_size,) + actions.shape[2:])
+        with torch.no_grad():
+            b_old_params, b_values = agent(b_obs)  # [B, P], [B]
+            b_logprobs = agent.logprob_entropy(b_old_params, b_actions)[0]
+            values = b_values.reshape(T, N)
+            # Box envs: divided by the std of the running discounted return (RewardScaler).
+            rewards = (reward_scaler(raw_rewards, dones) if reward_scaler is not None else raw_rewards).float()
+            # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
+            # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal. For Box envs
+            # rewards and V are both on the scaled scale, so the sum is consistent.
+            rewards += args.gamma * truncated_at * agent.value(final_obs)
+            advantages, returns = compute_gae(rewards, values, dones, agent.value(next_obs), args.gamma, args.gae_lambda)
+        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+
+        # ---- update: update_epochs passes over the batch in num_minibatches shuffled minibatches, one beta ----
+        stats = []  # one [7] tensor per minibatch, in the order of `names` below
+        for epoch in range(args.update_epochs):
+            b_inds = torch.randperm(batch_size, device=device)
+            for start in range(0, batch_size, minibatch_size):
+                mb_inds = b_inds[start : start + minibatch_size]
+                new_params, new_values = agent(b_obs[mb_inds])
+                new_logprob, entropy = agent.logprob_entropy(new_params, b_actions[mb_inds])
+                kl = agent.kl(b_old_params[mb_inds], new_params)  # [M], exact KL(pi_old || pi_theta) per state
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:
+                    mb_advantages = normalize_advantages(mb_advantages)
+                pg_loss, surrogate, penalty = kl_penalty_loss(new_logprob, b_logprobs[mb_inds], mb_advantages, kl, beta)
+                v_loss = value_loss(new_values, b_values[mb_inds], b_returns[mb_inds],
+                                    args.clip_coef if args.clip_vloss else None)
+                entropy_mean = entropy.mean()
+                loss = pg_loss - args.ent_coef * entropy_mean + args.vf_coef * v_loss  # -L^KL - c_ent H + c_vf L^V
+                # diagnostic only: the share of samples PPO-Clip would have clipped (nothing is clipped here)
+                clipfrac = ((new_logprob - b_logprobs[mb_inds]).exp().sub(1.0).abs() > args.clip_coef).float().mean()
+
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                optimizer.step()
+                stats.append(torch.stack([pg_loss, v_loss, entropy_mean, clipfrac, loss, surrogate, penalty]).detach())
+
+        # ---- diagnostics on the whole batch after the update: one host sync per iteration ----
+        with torch.no_grad():
+            new_params, _ = agent(b_obs)
+            kl_exact = agent.kl(b_old_params, new_params).mean()  # the measured KL that steers beta
+            kl_k1, kl_k3 = approx_kl(agent.logprob_entropy(new_params, b_actions)[0], b_logprobs)
+            ev = explained_variance(b_values, b_returns)
+        names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss", "surrogate", "kl_penalty")
+        stats = torch.stack(stats)  # [update_epochs * num_minibatches, 7]
+        bad = (~torch.isfinite(stats)).nonzero()
+        if len(bad) or not torch.isfinite(kl_exact):
+            logger.close()
+            envs.close()
+            if len(bad):
+                minibatch, column = bad[0].tolist()
+                value = stats[minibatch, column].item()
+                where = f"{names[column]} is {value} at iteration {iteration}, minibatch {minibatch + 1}"
+            else:
+                where = f"kl_exact is {kl_exact.item()} at iteration {iteration}, after the update"
+            raise SystemExit(f"error: {where} (step {global_step}); stopping, nothing saved")
+        means = stats.mean(0).tolist()
+        ended = ended_return[~np.isnan(ended_return)]
+        last_100.extend(ended.tolist())
+        elapsed = time.time() - start_time
+        logger.log({
+            "iteration": iteration,
+            "global_step": global_step,
+            "time": elapsed,
+            "sps": global_step / elapsed,
+            "learning_rate": lr,
+            **dict(zip(names, means)),
+            "beta": beta,  # the beta this iteration's update used
+            "kl_target": args.kl_target,
+            "kl_exact": kl_exact.item(),
+            "approx_kl_k1": kl_k1.item(),
+            "approx_kl_k3": kl_k3.item(),
+            "explained_variance": ev.item(),
+            "update_minibatches": len(stats),
+            "episodes": len(ended),
+            "episodic_return": float(ended.mean()) if len(ended) else None,
+            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
+            "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+        })
+        beta = update_beta(beta, kl_exact.item(), args.kl_target)  # for the next iteration
+
+    envs.close()
+    summary = {
+        "global_step": global_step,
+        "time": time.time() - start_time,
+        "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+        "beta": beta,
+    }
+    if args.save_model:
+        path = os.path.join(run_dir, f"{SCRIPT}.pt")
+        torch.save({
+            "script": SCRIPT,
+            "model": agent.state_dict(),
+            "args": asdict(args),
+            "beta": beta,
+            "obs_rms": obs_rms.state_dict() if obs_rms is not None else None,
+            "return_rms": reward_scaler.return_rms.state_dict() if reward_scaler is not None else None,
+        }, path)
+        eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
+        print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
+              f"over {args.eval_episodes} episodes")
+        summary["eval_return_mean"] = float(eval_returns.mean())
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    logger.close()
+    final = summary["episodic_return_100"]
+    print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
+          f"{'-' if final is None else f'{final:.2f}'}; final beta {beta:.3g}; metrics in {run_dir}/metrics.jsonl")
+    return summary
+
+
+# ==========================================================================================================
+# Plumbing a reader may skip: argument checks, devices, the vector env, normaliser storage, logging,
+# checkpoints and evaluation. Nothing below changes the algorithm; main() above is the article's loop.
+# ==========================================================================================================
+
+
+def check_args(args: Args) -> None:
+    """Raise ValueError with one readable sentence for settings that cannot train."""
+    if args.learning_rate <= 0:
+        raise ValueError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "eval_episodes", "torch_threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches != 0:
+        raise ValueError(
+            f"--num-minibatches {args.num_minibatches} does not divide the batch size "
+            f"{batch_size} (= --num-envs {args.num_envs} x --num-steps {args.num_steps})"
+        )
+    if args.norm_adv and batch_size // args.num_minibatches < 2:
+        raise ValueError("minibatches of 1 sample cannot be normalised (--norm-adv): use fewer --num-minibatches")
+    if args.total_timesteps < batch_size:
+        raise ValueError(f"--total-timesteps {args.total_timesteps} is smaller than one batch ({batch_size} steps)")
+    if not 0 < args.gamma <= 1:
+        raise ValueError(f"--gamma must be in (0, 1], got {args.gamma}")
+    if not 0 <= args.gae_lambda <= 1:
+        raise ValueError(f"--gae-lambda must be in [0, 1], got {args.gae_lambda}")
+    if not (math.isfinite(args.kl_target) and args.kl_target > 0):
+        raise ValueError(f"--kl-target must be > 0, got {args.kl_target}")
+    if not BETA_MIN <= args.init_beta <= BETA_MAX:
+        raise ValueError(f"--init-beta must be in [{BETA_MIN:g}, {BETA_MAX:g}], got {args.init_beta}")
+    if args.clip_coef <= 0:
+        raise ValueError(f"--clip-coef must be > 0, got {args.clip_coef}")
+    if args.capture_video:
+        missing = [m for m in ("moviepy", "pygame") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"--capture-video needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
+def pick_device(want_cuda: bool) -> torch.device:
+    if want_cuda and not torch.cuda.is_available():
+        print("--cuda: no CUDA device found, running on the CPU")
+    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+
+
+def compute_array(x, device: torch.device):
+    """x (a tensor or a numpy array) in float64, as the running statistics below compute with it: a numpy array
+    on the CPU, a tensor on `device` otherwise. Not a copy where x is a float64 CPU tensor or array already:
+    the array then shares x's memory, so `array += y` changes x.
+
+    Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
+    is all call overhead: 0.3-1.1 us a call for numpy against 1.2-2.2 us for torch
+    (benchmarks/normaliser_cost.py; 18 -> 11 us per step for update + normalize). The code that uses these
+    arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs
+    unchanged on a GPU's tensors."""
+    if device.type == "cpu":
+        return np.asarray(x, dtype=np.float64)
+    return torch.as_tensor(x, dtype=torch.float64, device=device)
 
 
 class SameStepVectorEnv(gym.vector.VectorEnv):
@@ -779,9 +1036,11 @@ def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -
         obs, _ = env.reset(seed=seed + episode)
         done = False
         while not done:
-            obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).unsqueeze(0)  # [1, obs_dim]
+            # as in training: the env's observation, as it comes, into the normaliser (float64 for MuJoCo)
             if obs_rms is not None:
-                obs_t = obs_rms.normalize(obs_t)
+                obs_t = obs_rms.normalize(obs[None])  # [1, obs_dim]
+            else:
+                obs_t = torch.as_tensor(obs[None], dtype=torch.float32, device=device)
             with torch.no_grad():
                 action = agent.greedy(agent.dist_params(obs_t))[0]
             if discrete:
@@ -792,250 +1051,6 @@ def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -
             done = terminated or truncated
     env.close()
     return returns
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------------
-
-
-def pick_device(want_cuda: bool) -> torch.device:
-    if want_cuda and not torch.cuda.is_available():
-        print("--cuda: no CUDA device found, running on the CPU")
-    return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
-
-
-def main(argv: Optional[list[str]] = None) -> Optional[dict]:
-    args = tyro.cli(Args, args=argv)
-    torch.set_num_threads(args.torch_threads)
-    device = pick_device(args.cuda)
-
-    if args.eval_checkpoint is not None:
-        try:
-            checkpoint = load_checkpoint(args.eval_checkpoint)
-            returns = evaluate(checkpoint, args.eval_episodes, args.seed, device)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
-        print(f"eval {checkpoint['args']['env_id']}: return {returns.mean():.2f} +- {returns.std():.2f} "
-              f"over {args.eval_episodes} episodes")
-        return {"eval_returns": returns}
-
-    # Every check happens before anything is written, so bad input leaves no run folder behind.
-    try:
-        check_args(args)
-        obs_dim, act_dim, discrete = check_env(args.env_id)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-
-    batch_size = args.num_envs * args.num_steps
-    minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
-    logger = Logger(args, run_dir, run_name)
-
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-
-    envs = make_envs(args, run_name)
-    agent = Agent(obs_dim, act_dim, discrete).to(device)
-    # fused=True: one kernel for the whole Adam step instead of several per parameter (same arithmetic).
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
-    beta = args.init_beta
-
-    # Rollout buffer, preallocated on the device and overwritten every iteration.
-    T, N = args.num_steps, args.num_envs
-    obs = torch.zeros((T, N, obs_dim), device=device)  # what the policy saw (normalised for Box envs)
-    if discrete:
-        actions = torch.zeros((T, N), dtype=torch.long, device=device)
-    else:
-        actions = torch.zeros((T, N, act_dim), device=device)  # unclipped samples of the Gaussian
-        action_low = torch.as_tensor(envs.single_action_space.low, dtype=torch.float32, device=device)
-        action_high = torch.as_tensor(envs.single_action_space.high, dtype=torch.float32, device=device)
-    raw_rewards = torch.zeros((T, N), dtype=torch.float64, device=device)  # as the envs return them
-    dones = torch.zeros((T, N), device=device)  # 1 where the episode ended with transition t
-    truncated_at = torch.zeros((T, N), device=device)  # 1 where it ended by time limit (not terminated)
-    final_obs = torch.zeros((T, N, obs_dim), device=device)  # the last observation of those episodes
-
-    # Box envs: observation normalisation and reward scaling, statistics on the device. The reward is divided by the
-    # running std of each env's discounted return (not of the reward), as gymnasium's NormalizeReward does.
-    obs_rms = RunningMeanStd((obs_dim,), device) if not discrete else None
-    reward_scaler = RewardScaler(N, args.gamma, device) if not discrete else None
-
-    def observe(raw: np.ndarray) -> torch.Tensor:
-        """Raw observations [n, obs_dim] -> what the networks see; Box envs: stats updated, then normalised."""
-        if obs_rms is None:
-            return torch.as_tensor(np.asarray(raw), dtype=torch.float32, device=device)
-        x = torch.as_tensor(np.asarray(raw), dtype=torch.float64, device=device)  # float64: the stats are float64
-        obs_rms.update(x)
-        return obs_rms.normalize(x)
-
-    # Episode statistics stay on the host, as SameStepVectorEnv reports them (raw, unscaled returns).
-    ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
-    last_100 = collections.deque(maxlen=100)
-
-    next_obs_np, _ = envs.reset(seed=args.seed)
-    next_obs = observe(next_obs_np)
-    global_step, start_time = 0, time.time()
-
-    for iteration in range(1, num_iterations + 1):
-        lr = args.learning_rate * (1.0 - (iteration - 1.0) / num_iterations if args.anneal_lr else 1.0)
-        optimizer.param_groups[0]["lr"] = lr
-        ended_return.fill(np.nan)
-        truncated_at.zero_()
-
-        # ---- rollout: T steps of N envs; per step only the actor runs (the critic runs once, batched, below) ----
-        for step in range(T):
-            obs[step] = next_obs
-            with torch.inference_mode():
-                action = agent.sample(agent.dist_params(next_obs))  # [N] or [N, D], a ~ pi_old(.|s)
-            actions[step] = action
-            # The Gaussian's sample is stored unclipped (its log-prob is the one the ratio needs); only the
-            # env sees it clipped to the bounds.
-            env_action = action if discrete else torch.clamp(action, action_low, action_high)
-
-            next_obs_np, reward, terminated, truncated, info = envs.step(env_action.cpu().numpy())
-            global_step += N
-            done = terminated | truncated
-            dones[step] = torch.from_numpy(done)  # copy_ into the float32 buffer casts (and moves to device)
-            raw_rewards[step] = torch.from_numpy(reward)
-            if done.any():
-                # The last observations of the episodes that ended (next_obs_np holds their reset ones); Box
-                # envs count them in the statistics too, before the reset ones: they are real states of the
-                # env (as in ppo_continuous.py, where counting them was measured: benchmarks/RESULTS.md).
-                ended_final = torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device)
-                if obs_rms is not None:
-                    obs_rms.update(ended_final)  # [n_ended, obs_dim]
-            next_obs = observe(next_obs_np)
-            time_limit = truncated & ~terminated  # a subset of done
-            if time_limit.any():
-                mask = torch.as_tensor(time_limit, device=device)
-                truncated_at[step] = mask
-                # normalised with the statistics next_obs was normalised with: V sees its usual input
-                raw_final = ended_final[time_limit[done]]  # the time-limit ones
-                final_obs[step, mask] = raw_final.float() if obs_rms is None else obs_rms.normalize(raw_final)
-
-            if done.any():  # the ended episodes' returns and lengths, summed by SameStepVectorEnv
-                ended_return[step, done] = info["episode"]["r"][done]
-                ended_length[step, done] = info["episode"]["l"][done]
-
-        # ---- pi_old's distribution parameters, log-probs and values for the whole batch, one forward pass ----
-        # (the parameters did not change during the rollout, so this is the policy that sampled the actions)
-        b_obs = obs.reshape(batch_size, obs_dim)
-        b_actions = actions.reshape((batch_size,) + actions.shape[2:])
-        with torch.no_grad():
-            b_old_params, b_values = agent(b_obs)  # [B, P], [B]
-            b_logprobs = agent.logprob_entropy(b_old_params, b_actions)[0]
-            values = b_values.reshape(T, N)
-            # Box envs: divided by the std of the running discounted return (RewardScaler).
-            rewards = (reward_scaler(raw_rewards, dones) if reward_scaler is not None else raw_rewards).float()
-            # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
-            # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal. For Box envs
-            # rewards and V are both on the scaled scale, so the sum is consistent.
-            rewards += args.gamma * truncated_at * agent.value(final_obs)
-            advantages, returns = compute_gae(rewards, values, dones, agent.value(next_obs), args.gamma, args.gae_lambda)
-        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-
-        # ---- update: update_epochs passes of num_minibatches minibatches, all with this iteration's beta ----
-        stats = []  # one [7] tensor per minibatch, in the order of `names` below
-        for epoch in range(args.update_epochs):
-            permutation = torch.randperm(batch_size, device=device)
-            for start in range(0, batch_size, minibatch_size):
-                mb = permutation[start : start + minibatch_size]
-                new_params, new_values = agent(b_obs[mb])
-                new_logprob, entropy = agent.logprob_entropy(new_params, b_actions[mb])
-                kl = agent.kl(b_old_params[mb], new_params)  # [M], exact KL(pi_old || pi_theta) per state
-                mb_advantages = normalize_advantages(b_advantages[mb]) if args.norm_adv else b_advantages[mb]
-                pg_loss, surrogate, penalty = kl_penalty_loss(new_logprob, b_logprobs[mb], mb_advantages, kl, beta)
-                v_loss = value_loss(new_values, b_values[mb], b_returns[mb], args.clip_coef if args.clip_vloss else None)
-                entropy_mean = entropy.mean()
-                loss = pg_loss - args.ent_coef * entropy_mean + args.vf_coef * v_loss
-                # diagnostic only: the share of samples PPO-Clip would have clipped (nothing is clipped here)
-                clipfrac = ((new_logprob - b_logprobs[mb]).exp().sub(1.0).abs() > args.clip_coef).float().mean()
-
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
-                optimizer.step()
-                stats.append(torch.stack([pg_loss, v_loss, entropy_mean, clipfrac, loss, surrogate, penalty]).detach())
-
-        # ---- diagnostics on the whole batch after the update: one host sync per iteration ----
-        with torch.no_grad():
-            new_params, _ = agent(b_obs)
-            kl_exact = agent.kl(b_old_params, new_params).mean()  # the measured KL that steers beta
-            kl_k1, kl_k3 = approx_kl(agent.logprob_entropy(new_params, b_actions)[0], b_logprobs)
-            ev = explained_variance(b_values, b_returns)
-        names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss", "surrogate", "kl_penalty")
-        stats = torch.stack(stats)  # [update_epochs * num_minibatches, 7]
-        bad = (~torch.isfinite(stats)).nonzero()
-        if len(bad) or not torch.isfinite(kl_exact):
-            logger.close()
-            envs.close()
-            if len(bad):
-                minibatch, column = bad[0].tolist()
-                value = stats[minibatch, column].item()
-                where = f"{names[column]} is {value} at iteration {iteration}, minibatch {minibatch + 1}"
-            else:
-                where = f"kl_exact is {kl_exact.item()} at iteration {iteration}, after the update"
-            raise SystemExit(f"error: {where} (step {global_step}); stopping, nothing saved")
-        means = stats.mean(0).tolist()
-        ended = ended_return[~np.isnan(ended_return)]
-        last_100.extend(ended.tolist())
-        elapsed = time.time() - start_time
-        logger.log({
-            "iteration": iteration,
-            "global_step": global_step,
-            "time": elapsed,
-            "sps": global_step / elapsed,
-            "learning_rate": lr,
-            **dict(zip(names, means)),
-            "beta": beta,  # the beta this iteration's update used
-            "kl_target": args.kl_target,
-            "kl_exact": kl_exact.item(),
-            "approx_kl_k1": kl_k1.item(),
-            "approx_kl_k3": kl_k3.item(),
-            "explained_variance": ev.item(),
-            "update_minibatches": len(stats),
-            "episodes": len(ended),
-            "episodic_return": float(ended.mean()) if len(ended) else None,
-            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
-            "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
-        })
-        beta = update_beta(beta, kl_exact.item(), args.kl_target)  # for the next iteration
-
-    envs.close()
-    summary = {
-        "global_step": global_step,
-        "time": time.time() - start_time,
-        "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
-        "beta": beta,
-    }
-    if args.save_model:
-        path = os.path.join(run_dir, f"{SCRIPT}.pt")
-        torch.save({
-            "script": SCRIPT,
-            "model": agent.state_dict(),
-            "args": asdict(args),
-            "beta": beta,
-            "obs_rms": obs_rms.state_dict() if obs_rms is not None else None,
-            "return_rms": reward_scaler.return_rms.state_dict() if reward_scaler is not None else None,
-        }, path)
-        eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
-        print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
-              f"over {args.eval_episodes} episodes")
-        summary["eval_return_mean"] = float(eval_returns.mean())
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    logger.close()
-    final = summary["episodic_return_100"]
-    print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
-          f"{'-' if final is None else f'{final:.2f}'}; final beta {beta:.3g}; metrics in {run_dir}/metrics.jsonl")
-    return summary
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from ppo_penalty import (
     RunningMeanStd,
     categorical_kl,
     categorical_logprob_entropy,
+    evaluate,
     gaussian_entropy,
     gaussian_kl,
     gaussian_log_prob,
@@ -192,7 +193,7 @@ def test_gradient_of_l_kl_at_theta_old_is_the_policy_gradient(discrete):
     advantages = torch.randn(64, dtype=torch.float64)
     with torch.no_grad():
         old_params = agent.dist_params(obs)
-        actions = agent.sample(old_params)
+        actions = agent.sample(obs)
         old_logprob = agent.logprob_entropy(old_params, actions)[0]
 
     params = list(agent.actor.parameters()) + ([] if discrete else [agent.actor_logstd])
@@ -590,3 +591,47 @@ def test_plot_beta_draws_the_adaptive_kl_figure(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["plot_beta.py", str(run_dir / "metrics.jsonl"), "--out", str(out), "--with-k3"])
     runpy.run_path(str(ROOT / "benchmarks" / "plot_beta.py"), run_name="__main__")
     assert out.stat().st_size > 1000
+
+
+class Float64Env(gym.Env):
+    """float64 observations near 1e6 whose fractions float32 cannot hold; episodes end by a 3-step time limit."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([1e6 + 0.1, -3.3]), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([1e6 + 0.1 + 0.01 * self.t, -3.3]), 0.0, False, False, {}
+
+
+gym.register("PenaltyFloat64-v0", entry_point=Float64Env, max_episode_steps=3)
+
+
+def test_evaluation_normalises_observations_as_training_does(monkeypatch):
+    """Training hands the env's float64 observation to the normaliser; evaluation must too (it once cast to
+    float32 first, so an agent was evaluated on inputs it never saw: here 0.125 instead of 0.1 past 1e6)."""
+    agent = Agent(obs_dim=2, act_dim=1, discrete=False)
+    obs_rms = RunningMeanStd((2,), torch.device("cpu"))
+    obs_rms.load_state_dict({"mean": torch.tensor([1e6, 0.0], dtype=torch.float64),
+                             "var": torch.tensor([0.01, 1.0], dtype=torch.float64),
+                             "count": torch.tensor(10.0, dtype=torch.float64)})
+    checkpoint = {"script": "ppo_penalty", "model": agent.state_dict(), "args": {"env_id": "PenaltyFloat64-v0"},
+                  "obs_rms": obs_rms.state_dict()}
+    seen = []
+    real_dist_params = Agent.dist_params
+
+    def dist_params(self, obs):
+        seen.append(obs.clone())
+        return real_dist_params(self, obs)
+
+    monkeypatch.setattr(Agent, "dist_params", dist_params)
+    evaluate(checkpoint, episodes=1, seed=0, device=torch.device("cpu"))
+    expected = [obs_rms.normalize(np.array([[1e6 + 0.1 + 0.01 * t, -3.3]])) for t in range(3)]
+    assert len(seen) == 3
+    for got, want in zip(seen, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
