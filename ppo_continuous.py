@@ -12,8 +12,8 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
     "Importance sampling"            ratio r_t = pi_theta(a|s) / pi_old(a|s)          -> ppo_clip_loss
     "PPO-Clip: the central trick"    L^CLIP = E[min(r A, clip(r, 1-eps, 1+eps) A)]     -> ppo_clip_loss
     "A complete PPO implementation"  GAE (lambda=0: TD, lambda=1: Monte Carlo)         -> compute_gae
-                                     loss = L^CLIP + c_vf L^V - c_ent H                -> main (update)
-                                     gradient-norm clipping                            -> clip_grad_norm
+                                     minimise -L^CLIP + c_vf L^V - c_ent H              -> main (update)
+                                     gradient-norm clipping                            -> main (clip_grad_norm_)
     "Debugging checklist"            approx KL, k1 = -log r and k3 = (r-1) - log r     -> approx_kl
                                      explained variance 1 - Var(R - V) / Var(R)        -> explained_variance
                                      advantage normalisation per minibatch             -> normalize_advantages
@@ -78,8 +78,8 @@ class Args:
     torch_threads: int = 1
     """CPU threads torch may use; 1 for 64-unit MLPs on 64-sample minibatches (benchmarks/SPEED_continuous.md)"""
     compile: bool = False
-    """torch.compile the minibatch loss (forward and backward): ~10 s to compile, then ~35% less time per
-    minibatch on the CPU; the same arithmetic up to float rounding (benchmarks/SPEED_continuous.md)"""
+    """torch.compile the minibatch loss (forward and backward): a one-off compile, then less time per minibatch
+    on the CPU; the same arithmetic up to float rounding (measured in benchmarks/SPEED_continuous.md)"""
     track: bool = False
     """log to Weights & Biases (works with WANDB_MODE=offline; a wandb error never stops training)"""
     wandb_project_name: str = "trust-region-rl"
@@ -349,8 +349,8 @@ class RewardScaler:
     never shifted, so their sign (and what is good or bad) is kept.
 
     One call scales a whole rollout [T, N] and gives what T calls of one step each would give: the scaled
-    rewards are first needed by GAE, after the rollout, and scaling step by step inside the rollout costs ~14
-    small tensor ops per env step (benchmarks/SPEED_continuous.md).
+    rewards are first needed by GAE, after the rollout, and scaling step by step inside the rollout would cost
+    a dozen small tensor ops per env step.
 
     Example, one env, gamma 0.5: rewards [[2], [2]] -> returns 2, 3 -> stds 0 (one return) and 0.5 ->
     scaled [[10], [4]] (2 / sqrt(0 + 1e-8), clipped to 10; then 2 / 0.5).
@@ -733,10 +733,9 @@ def compute_array(x, device: torch.device):
     the array then shares x's memory, so `array += y` changes x.
 
     Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
-    is all call overhead: 0.3-1.1 us a call for numpy against 1.2-2.2 us for torch
-    (benchmarks/normaliser_cost.py; 18 -> 11 us per step for update + normalize). The code that uses these
-    arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs
-    unchanged on a GPU's tensors."""
+    is all call overhead, and a numpy call has less of it than a torch call (benchmarks/normaliser_cost.py
+    measures both; SPEED_continuous.md what it buys a run). The code that uses these arrays is written with what
+    numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs unchanged on a GPU's tensors."""
     if device.type == "cpu":
         return np.asarray(x, dtype=np.float64)
     return torch.as_tensor(x, dtype=torch.float64, device=device)

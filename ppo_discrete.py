@@ -10,8 +10,8 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
     "Importance sampling"            ratio r_t = pi_theta(a|s) / pi_old(a|s)          -> ppo_clip_loss
     "PPO-Clip: the central trick"    L^CLIP = E[min(r A, clip(r, 1-eps, 1+eps) A)]     -> ppo_clip_loss
     "A complete PPO implementation"  GAE (lambda=0: TD, lambda=1: Monte Carlo)         -> compute_gae
-                                     loss = L^CLIP + c_vf L^V - c_ent H                -> main (update)
-                                     gradient-norm clipping                            -> clip_grad_norm
+                                     minimise -L^CLIP + c_vf L^V - c_ent H              -> main (update)
+                                     gradient-norm clipping                            -> main (clip_grad_norm_)
     "Debugging checklist"            approx KL, k1 = -log r and k3 = (r-1) - log r     -> approx_kl
                                      explained variance 1 - Var(R - V) / Var(R)        -> explained_variance
                                      advantage normalisation per minibatch             -> normalize_advantages
@@ -214,20 +214,18 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
 
 def categorical_logprob_entropy(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(a|s) of the given actions and the entropy of pi(.|s), from logits [B, A] and actions [B].
-    Written out instead of torch.distributions.Categorical: same numbers, a third of the overhead per call."""
+    Written out instead of torch.distributions.Categorical: the same numbers, no distribution object per call."""
     log_probs = logits.log_softmax(dim=-1)  # [B, A]
     logprob = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [B]
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # [B]
     return logprob, entropy
 
 
-def sample_categorical(logits: torch.Tensor, gumbel: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
     """One action per row of logits [B, A], drawn from softmax(logits), by the Gumbel-max trick:
-    argmax(logits + g) with Gumbel noise g = -log(E), E ~ Exp(1). Cheaper than torch.multinomial.
-    gumbel: that noise, shaped like logits, when the caller drew it in advance (the rollout draws every step's
-    at once); drawn here when None."""
-    if gumbel is None:
-        gumbel = -torch.empty_like(logits).exponential_().log()
+    argmax(logits + g) with Gumbel noise g = -log(E), E ~ Exp(1). The same distribution as torch.multinomial
+    of the softmax, with fewer ops."""
+    gumbel = -torch.empty_like(logits).exponential_().log()
     return (logits + gumbel).argmax(dim=-1)
 
 

@@ -225,20 +225,18 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
 
 def categorical_logprob_entropy(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(a|s) of the given actions and the entropy of pi(.|s), from logits [B, A] and actions [B].
-    Written out instead of torch.distributions.Categorical: same numbers, a third of the overhead per call."""
+    Written out instead of torch.distributions.Categorical: the same numbers, no distribution object per call."""
     log_probs = logits.log_softmax(dim=-1)  # [B, A]
     logprob = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [B]
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # [B]
     return logprob, entropy
 
 
-def sample_categorical(logits: torch.Tensor, gumbel: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
     """One action per row of logits [B, A], drawn from softmax(logits), by the Gumbel-max trick:
-    argmax(logits + g) with Gumbel noise g = -log(E), E ~ Exp(1). Cheaper than torch.multinomial.
-    gumbel: that noise, shaped like logits, when the caller drew it in advance (the rollout draws every step's
-    at once); drawn here when None."""
-    if gumbel is None:
-        gumbel = -torch.empty_like(logits).exponential_().log()
+    argmax(logits + g) with Gumbel noise g = -log(E), E ~ Exp(1). The same distribution as torch.multinomial
+    of the softmax, with fewer ops."""
+    gumbel = -torch.empty_like(logits).exponential_().log()
     return (logits + gumbel).argmax(dim=-1)
 
 
@@ -423,8 +421,8 @@ class RewardScaler:
     never shifted, so their sign (and what is good or bad) is kept.
 
     One call scales a whole rollout [T, N] and gives what T calls of one step each would give: the scaled
-    rewards are first needed by GAE, after the rollout, and scaling step by step inside the rollout costs ~14
-    small tensor ops per env step (benchmarks/SPEED_continuous.md).
+    rewards are first needed by GAE, after the rollout, and scaling step by step inside the rollout would cost
+    a dozen small tensor ops per env step.
 
     Example, one env, gamma 0.5: rewards [[2], [2]] -> returns 2, 3 -> stds 0 (one return) and 0.5 ->
     scaled [[10], [4]] (2 / sqrt(0 + 1e-8), clipped to 10; then 2 / 0.5).
@@ -840,10 +838,9 @@ def compute_array(x, device: torch.device):
     the array then shares x's memory, so `array += y` changes x.
 
     Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
-    is all call overhead: 0.3-1.1 us a call for numpy against 1.2-2.2 us for torch
-    (benchmarks/normaliser_cost.py; 18 -> 11 us per step for update + normalize). The code that uses these
-    arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs
-    unchanged on a GPU's tensors."""
+    is all call overhead, and a numpy call has less of it than a torch call (benchmarks/normaliser_cost.py
+    measures both; SPEED_continuous.md what it buys a run). The code that uses these arrays is written with what
+    numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs unchanged on a GPU's tensors."""
     if device.type == "cpu":
         return np.asarray(x, dtype=np.float64)
     return torch.as_tensor(x, dtype=torch.float64, device=device)

@@ -436,6 +436,7 @@ def approx_kl(new_logprob: torch.Tensor, old_logprob: torch.Tensor) -> tuple[tor
 
     k1 = mean(-log r): unbiased, but single samples can be negative.
     k3 = mean((r - 1) - log r): unbiased and >= 0 per sample (log r <= r - 1); the one the article prefers.
+    (The "one-sample" k2 = mean(0.5 * (log r)^2) that the article warns about is biased; it is not used.)
     """
     logratio = new_logprob - old_logprob
     k1 = (-logratio).mean()
@@ -467,13 +468,11 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
     return torch.where(var_true == 0, torch.full_like(ev, float("nan")), ev)
 
 
-def sample_categorical(logits: torch.Tensor, gumbel: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
     """One action per row of logits [B, A], drawn from softmax(logits), by the Gumbel-max trick:
-    argmax(logits + g) with Gumbel noise g = -log(E), E ~ Exp(1). Cheaper than torch.multinomial.
-    gumbel: that noise, shaped like logits, when the caller drew it in advance (the rollout draws every step's
-    at once); drawn here when None."""
-    if gumbel is None:
-        gumbel = -torch.empty_like(logits).exponential_().log()
+    argmax(logits + g) with Gumbel noise g = -log(E), E ~ Exp(1). The same distribution as torch.multinomial
+    of the softmax, with fewer ops."""
+    gumbel = -torch.empty_like(logits).exponential_().log()
     return (logits + gumbel).argmax(dim=-1)
 
 

@@ -58,7 +58,6 @@ import tyro
 SCRIPT = "trpo"
 NORM_CLIP = 10.0  # normalised observations and scaled rewards are clipped to +-10 (cleanrl, Stable-Baselines3)
 NORM_EPS = 1e-8  # added to variances before the square root (gymnasium's normalisation wrappers)
-LOG_2PI = math.log(2.0 * math.pi)
 
 
 @dataclass
@@ -189,6 +188,7 @@ def approx_kl(new_logprob: torch.Tensor, old_logprob: torch.Tensor) -> tuple[tor
 
     k1 = mean(-log r): unbiased, but single samples can be negative.
     k3 = mean((r - 1) - log r): unbiased and >= 0 per sample (log r <= r - 1); the one the article prefers.
+    (The "one-sample" k2 = mean(0.5 * (log r)^2) that the article warns about is biased; it is not used.)
     """
     logratio = new_logprob - old_logprob
     k1 = (-logratio).mean()
@@ -222,20 +222,18 @@ def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tens
 
 def categorical_logprob_entropy(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(a|s) of the given actions and the entropy of pi(.|s), from logits [B, A] and actions [B].
-    Written out instead of torch.distributions.Categorical: same numbers, a third of the overhead per call."""
+    Written out instead of torch.distributions.Categorical: the same numbers, no distribution object per call."""
     log_probs = logits.log_softmax(dim=-1)  # [B, A]
     logprob = log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [B]
     entropy = -(log_probs.exp() * log_probs).sum(dim=-1)  # [B]
     return logprob, entropy
 
 
-def sample_categorical(logits: torch.Tensor, gumbel: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
     """One action per row of logits [B, A], drawn from softmax(logits), by the Gumbel-max trick:
-    argmax(logits + g) with Gumbel noise g = -log(E), E ~ Exp(1). Cheaper than torch.multinomial.
-    gumbel: that noise, shaped like logits, when the caller drew it in advance (the rollout draws every step's
-    at once); drawn here when None."""
-    if gumbel is None:
-        gumbel = -torch.empty_like(logits).exponential_().log()
+    argmax(logits + g) with Gumbel noise g = -log(E), E ~ Exp(1). The same distribution as torch.multinomial
+    of the softmax, with fewer ops."""
+    gumbel = -torch.empty_like(logits).exponential_().log()
     return (logits + gumbel).argmax(dim=-1)
 
 
@@ -245,44 +243,50 @@ def sample_categorical(logits: torch.Tensor, gumbel: Optional[torch.Tensor] = No
 
 
 def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log N(a; mean, diag(exp(log_std))^2) summed over the last (action) dimension: [B, D] -> [B].
+    """log pi(a|s) of a diagonal Gaussian N(mean, exp(log_std)^2), summed over the last (action) dimension.
 
-        log pi(a|s) = sum_d -1/2 ((a_d - mu_d) / sigma_d)^2 - log sigma_d - 1/2 log(2 pi)
+    The action dimensions are drawn independently, so the joint density is the product of the per-dimension
+    densities and its log the sum of
+        log N(a; mu, sigma) = -(a - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2.
+    mean, actions: [..., D]; log_std: [D] (state-independent) or [..., D]. Returns [...].
+    Written out instead of torch.distributions.Normal: the same numbers, no distribution object per call.
 
-    Example: mean 0, log_std 0, a = [1, 0] -> -1/2 - log(2 pi) = -2.3379.
+    Example: mean [0, 0], log_std [0, 0], action [1, 0] -> -0.5 - log(2 pi) = -2.3379.
     """
-    z = (actions - mean) * torch.exp(-log_std)
-    return (-0.5 * z.pow(2) - log_std - 0.5 * LOG_2PI).sum(dim=-1)
+    z = (actions - mean) * (-log_std).exp()  # (a - mu) / sigma: the action in standard deviations from the mean
+    return (-0.5 * z**2 - log_std - 0.5 * math.log(2 * math.pi)).sum(dim=-1)
 
 
 def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
-    """Entropy of a diagonal Gaussian, sum_d (1/2 + 1/2 log(2 pi) + log sigma_d), over the last dim: [B, D] -> [B]."""
-    return (0.5 + 0.5 * LOG_2PI + log_std).sum(dim=-1)
+    """Entropy of a diagonal Gaussian, summed over the last (action) dimension:
+    H = sum_d (log sigma_d + (1 + log 2 pi) / 2). It does not depend on the mean; with a state-independent
+    log_std it is the same for every state. Example: log_std [0] -> 1.4189; log_std [0, log 2] -> 3.5310."""
+    return (log_std + 0.5 * (1.0 + math.log(2 * math.pi))).sum(dim=-1)
 
 
 def categorical_kl(old_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
-    """KL(pi_old || pi_new) per state, exactly: sum_a p_old(a) (log p_old(a) - log p_new(a)). [B, A] -> [B].
+    """Exact KL(pi_old || pi_new) = sum_a p_old(a) (log p_old(a) - log p_new(a)) per row of logits [B, A] -> [B].
 
-    Example: p_old = [1/2, 1/2], p_new = [1/4, 3/4] -> 1/2 log 2 + 1/2 log(2/3) = 0.1438.
+    Example: p_old = (0.5, 0.5), p_new = (0.25, 0.75) -> 0.5 log 2 + 0.5 log(2/3) = 0.1438.
     """
-    old_log_probs = old_logits.log_softmax(dim=-1)
-    new_log_probs = new_logits.log_softmax(dim=-1)
+    old_log_probs = old_logits.log_softmax(dim=-1)  # [B, A]
+    new_log_probs = new_logits.log_softmax(dim=-1)  # [B, A]
     return (old_log_probs.exp() * (old_log_probs - new_log_probs)).sum(dim=-1)
 
 
 def gaussian_kl(
     old_mean: torch.Tensor, old_log_std: torch.Tensor, new_mean: torch.Tensor, new_log_std: torch.Tensor
 ) -> torch.Tensor:
-    """KL(pi_old || pi_new) per state between diagonal Gaussians, summed over the action dims: [B, D] -> [B].
+    """Exact KL(pi_old || pi_new) of two diagonal Gaussians, summed over the last dimension: [B, D] -> [B].
 
-        KL = sum_d log(sigma_new / sigma_old) + (sigma_old^2 + (mu_old - mu_new)^2) / (2 sigma_new^2) - 1/2
-
-    The article's "parameter space lies" pair, N(0, 0.01) vs N(0, 10), read as standard deviations: close
-    parameters, yet KL = log(10 / 0.01) + 0.01^2 / (2 * 10^2) - 1/2 = 6.41 nats.
+    Per dimension: log(sigma_new / sigma_old) + (sigma_old^2 + (mu_old - mu_new)^2) / (2 sigma_new^2) - 1/2.
+    Example: mu 0 -> 1 with sigma 1 -> 1: 0 + (1 + 1) / 2 - 1/2 = 0.5 per dimension. The article's "parameter
+    space lies" pair, N(0, 0.01) vs N(0, 10), read as standard deviations: close parameters, yet
+    KL = log(10 / 0.01) + 0.01^2 / (2 * 10^2) - 1/2 = 6.41 nats.
     """
-    var_ratio = torch.exp(2.0 * (old_log_std - new_log_std))  # sigma_old^2 / sigma_new^2
-    mean_term = (old_mean - new_mean).pow(2) * torch.exp(-2.0 * new_log_std)  # (mu_old - mu_new)^2 / sigma_new^2
-    return (new_log_std - old_log_std + 0.5 * (var_ratio + mean_term) - 0.5).sum(dim=-1)
+    variance_ratio = (2.0 * (old_log_std - new_log_std)).exp()  # sigma_old^2 / sigma_new^2
+    mean_term = (old_mean - new_mean) ** 2 * (-2.0 * new_log_std).exp()  # (mu_old - mu_new)^2 / sigma_new^2
+    return (new_log_std - old_log_std + 0.5 * (variance_ratio + mean_term) - 0.5).sum(dim=-1)
 
 
 def surrogate(new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -527,8 +531,8 @@ class RewardScaler:
     never shifted, so their sign (and what is good or bad) is kept.
 
     One call scales a whole rollout [T, N] and gives what T calls of one step each would give: the scaled
-    rewards are first needed by GAE, after the rollout, and scaling step by step inside the rollout costs ~14
-    small tensor ops per env step (benchmarks/SPEED_continuous.md).
+    rewards are first needed by GAE, after the rollout, and scaling step by step inside the rollout would cost
+    a dozen small tensor ops per env step.
 
     Example, one env, gamma 0.5: rewards [[2], [2]] -> returns 2, 3 -> stds 0 (one return) and 0.5 ->
     scaled [[10], [4]] (2 / sqrt(0 + 1e-8), clipped to 10; then 2 / 0.5).
@@ -611,8 +615,9 @@ class CategoricalPolicy(nn.Module):
     def kl(self, old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return categorical_kl(old[0], new[0])
 
-    def sample(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return sample_categorical(dist[0])
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        """a ~ pi(.|s) for each row of obs [B, obs_dim]: [B] action indices."""
+        return sample_categorical(self(obs)[0])
 
     def mode(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return dist[0].argmax(dim=-1)
@@ -646,8 +651,9 @@ class GaussianPolicy(nn.Module):
     def kl(self, old: tuple[torch.Tensor, ...], new: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return gaussian_kl(old[0], old[1], new[0], new[1])
 
-    def sample(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        mean, log_std = dist
+    def sample(self, obs: torch.Tensor) -> torch.Tensor:
+        """a ~ pi(.|s) for each row of obs [B, obs_dim]: [B, D], unclipped."""
+        mean, log_std = self(obs)
         return mean + log_std.exp() * torch.randn_like(mean)
 
     def mode(self, dist: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -830,52 +836,54 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
     last_100 = collections.deque(maxlen=100)
 
-    def observe(raw: np.ndarray | torch.Tensor, update: bool) -> torch.Tensor:
-        """Env observations -> the policy's input: float32 on the device, normalised with running statistics."""
+    def observe(raw: np.ndarray) -> torch.Tensor:
+        """The envs' observations [n, obs_dim] -> what the networks see: float32 on the device; with --norm-obs
+        normalised with the running statistics (which the caller updates)."""
         if obs_rms is None:
             return torch.as_tensor(raw, dtype=torch.float32, device=device)
-        x = torch.as_tensor(raw, dtype=torch.float64, device=device)  # float64: the statistics are float64
-        if update:
-            obs_rms.update(x)
-        return obs_rms.normalize(x)
+        return obs_rms.normalize(raw)
 
-    next_obs_np, _ = envs.reset(seed=args.seed)
-    next_obs = observe(next_obs_np, update=True)
+    raw_obs, _ = envs.reset(seed=args.seed)  # [N, obs_dim], numpy as the envs return it
+    if obs_rms is not None:
+        obs_rms.update(raw_obs)
+    next_obs = observe(raw_obs)
     global_step, start_time = 0, time.time()
 
     for iteration in range(1, num_iterations + 1):
         ended_return.fill(np.nan)
         truncated_at.zero_()
 
-        # ---- rollout: T steps of N envs, each action sampled from pi_old at its step (the critic runs after it) ----
-        for step in range(T):
-            obs[step] = next_obs
-            with torch.inference_mode():
-                action = policy.sample(policy(next_obs))  # a ~ pi_old(.|s): [N] or [N, D]
-            actions[step] = action
+        # ---- rollout: T steps of N envs, each action sampled from pi_old at its step ----
+        with torch.inference_mode():  # no autograd here: the rollout only collects data
+            for step in range(T):
+                obs[step] = next_obs
+                action = policy.sample(next_obs)  # [N] or [N, D], a ~ pi_old(.|s)
+                actions[step] = action
 
-            next_obs_np, reward, terminated, truncated, info = envs.step(policy.env_action(action))
-            global_step += N
-            done = terminated | truncated
-            dones[step] = torch.from_numpy(done)  # copy_ into the float32 buffer casts (and moves to device)
-            raw_rewards[step] = torch.from_numpy(reward)
-            if done.any():
-                # The last observations of the episodes that ended (next_obs_np holds their reset ones) count
-                # in the statistics too, before the reset ones: they are real states of the env (as in
-                # ppo_continuous.py, where counting them was measured: benchmarks/RESULTS.md).
-                ended_final = torch.as_tensor(np.stack(info["final_obs"][done]), dtype=torch.float64, device=device)
+                raw_obs, reward, terminated, truncated, info = envs.step(policy.env_action(action))
+                raw_rewards[step] = torch.as_tensor(reward, device=device)
+                dones[step] = torch.as_tensor(terminated | truncated, device=device)
+                if "_final_obs" in info:  # an episode ended in some env
+                    # The last observations of the episodes that ended (raw_obs holds their reset ones) count in
+                    # the statistics too, before the reset ones: they are real states of the env (as in
+                    # ppo_continuous.py, where counting them was measured: benchmarks/RESULTS.md).
+                    ended = info["_final_obs"]
+                    ended_final = np.stack(info["final_obs"][ended])  # [n_ended, obs_dim]
+                    if obs_rms is not None:
+                        obs_rms.update(ended_final)
                 if obs_rms is not None:
-                    obs_rms.update(ended_final)  # [n_ended, obs_dim]
-            next_obs = observe(next_obs_np, update=True)
-            time_limit = truncated & ~terminated  # a subset of done
-            if time_limit.any():
-                truncated_at[step] = torch.as_tensor(time_limit, dtype=torch.float32, device=device)
-                # normalised with the statistics next_obs was normalised with: V sees its usual input
-                final_obs[step, time_limit] = observe(ended_final[time_limit[done]], update=False)
-
-            if done.any():  # the ended episodes' returns and lengths, summed by SameStepVectorEnv
-                ended_return[step, done] = info["episode"]["r"][done]
-                ended_length[step, done] = info["episode"]["l"][done]
+                    obs_rms.update(raw_obs)  # the observations the policy will act on (reset ones included)
+                next_obs = observe(raw_obs)
+                if "_final_obs" in info:
+                    time_limit = truncated & ~terminated  # a subset of ended
+                    if time_limit.any():
+                        mask = torch.as_tensor(time_limit, device=device)
+                        truncated_at[step] = mask
+                        # normalised with the statistics next_obs was normalised with: V sees its usual input
+                        final_obs[step, mask] = observe(ended_final[time_limit[ended]])  # the time-limit ones
+                    ended_return[step, ended] = info["episode"]["r"][ended]
+                    ended_length[step, ended] = info["episode"]["l"][ended]
+        global_step += T * N
 
         # ---- pi_old's log-probs and the critic's values for the whole batch, one forward pass each ----
         b_obs, b_actions = obs.reshape(batch_size, obs_dim), actions.reshape(batch_size, *action_shape)
@@ -1030,10 +1038,9 @@ def compute_array(x, device: torch.device):
     the array then shares x's memory, so `array += y` changes x.
 
     Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
-    is all call overhead: 0.3-1.1 us a call for numpy against 1.2-2.2 us for torch
-    (benchmarks/normaliser_cost.py; 18 -> 11 us per step for update + normalize). The code that uses these
-    arrays is written with what numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs
-    unchanged on a GPU's tensors."""
+    is all call overhead, and a numpy call has less of it than a torch call (benchmarks/normaliser_cost.py
+    measures both; SPEED_continuous.md what it buys a run). The code that uses these arrays is written with what
+    numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs unchanged on a GPU's tensors."""
     if device.type == "cpu":
         return np.asarray(x, dtype=np.float64)
     return torch.as_tensor(x, dtype=torch.float64, device=device)
@@ -1227,8 +1234,8 @@ def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -
         while not done:
             if obs_rms is None:
                 obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-            else:  # as main's observe(): the env's observation, not a float32 rounding of it, is normalised
-                obs_t = obs_rms.normalize(torch.as_tensor(obs, dtype=torch.float64, device=device))
+            else:  # as in training: the env's observation, not a float32 rounding of it, is normalised
+                obs_t = obs_rms.normalize(obs)
             with torch.no_grad():
                 action = policy.mode(policy(obs_t))
             obs, reward, terminated, truncated, _ = env.step(policy.env_action(action))

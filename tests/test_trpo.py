@@ -285,7 +285,7 @@ def fixed_batch(policy, kind, batch=512, seed=7):
     torch.manual_seed(seed)
     with torch.no_grad():
         dist = policy(obs)
-        actions = policy.sample(dist)
+        actions = policy.sample(obs)
         old_logprob, _ = policy.log_prob_entropy(dist, actions)
     if kind == "categorical":
         advantages = (actions == (obs[:, 0] > 0).long()).double() - 0.3 * obs[:, 1]  # right action pays
