@@ -527,3 +527,18 @@ def test_capture_video_without_its_packages_fails_before_training(tmp_path, monk
     with pytest.raises(SystemExit, match=f"--capture-video {message}"):
         ppo_continuous.main(["--env-id", env_id, "--capture-video"])
     assert not (tmp_path / "runs").exists() and not (tmp_path / "videos").exists()
+
+
+def test_agent_sample_draws_from_the_gaussian_policy():
+    """The rollout's a ~ pi_old(.|s) = N(actor_mean(s), exp(actor_logstd)^2), unclipped, per state."""
+    torch.manual_seed(0)
+    agent = ppo_continuous.Agent(3, 2)
+    with torch.no_grad():
+        agent.actor_mean[-1].weight.mul_(300.0)
+        agent.actor_logstd.copy_(torch.tensor([math.log(0.5), math.log(3.0)]))
+        obs = torch.randn(1, 3)
+        actions = agent.sample(obs.expand(40000, 3))  # [40000, 2]
+        mean = agent.actor_mean(obs)[0]
+    torch.testing.assert_close(actions.mean(0), mean, atol=0.05, rtol=0)
+    torch.testing.assert_close(actions.std(0), torch.tensor([0.5, 3.0]), atol=0.05, rtol=0)
+    assert actions.abs().max() > 3.0  # not clipped to the action bounds

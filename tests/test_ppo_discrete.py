@@ -210,3 +210,19 @@ def test_capture_video_without_moviepy_fails_before_training(tmp_path, monkeypat
     with pytest.raises(SystemExit, match="--capture-video needs moviepy and pygame: pip install moviepy pygame"):
         ppo_discrete.main(TWO_ITERATIONS + ["--capture-video"])
     assert not (tmp_path / "runs").exists() and not (tmp_path / "videos").exists()
+
+
+def test_agent_sample_draws_from_the_softmax_of_the_actor():
+    """The rollout's a ~ pi_old(.|s): agent.sample's frequencies are softmax(agent.actor(s)), per state."""
+    torch.manual_seed(0)
+    agent = ppo_discrete.Agent(4, 3)
+    with torch.no_grad():
+        agent.actor[-1].weight.mul_(300.0)  # a policy far from uniform, different in the two states
+        obs = torch.randn(2, 4)
+        probs = agent.actor(obs).softmax(-1)  # [2, 3]
+        actions = agent.sample(obs.repeat_interleave(20000, dim=0)).reshape(2, 20000)
+    assert actions.dtype == torch.long
+    for state in range(2):
+        frequencies = torch.bincount(actions[state], minlength=3).double() / 20000
+        torch.testing.assert_close(frequencies, probs[state].double(), atol=0.015, rtol=0)
+    assert (probs[0] - probs[1]).abs().max() > 0.1
