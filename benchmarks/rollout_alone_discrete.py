@@ -10,6 +10,9 @@ vector env, unwrapped envs, its own time limit; a measurement, not code to copy)
 the one in ppo_discrete.main (as at commit 7346179, the actor's layers looked up once per rollout); keep them in
 step when timing a change. The figures SPEED.md quotes were taken with this file as at c7a726a, when the loop
 still unpacked the actor every step (`git show c7a726a:benchmarks/rollout_alone_discrete.py`).
+
+It reads the code of ppo_discrete.py / ppo_continuous.py up to df10cae (tanh_mlp, the noise drawn once per
+rollout, the hand-written clip_grad_norm), which issue 22 removed: run it in a checkout of df10cae.
 """
 import sys
 import time
