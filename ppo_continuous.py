@@ -12,7 +12,7 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
     "Importance sampling"            ratio r_t = pi_theta(a|s) / pi_old(a|s)          -> ppo_clip_loss
     "PPO-Clip: the central trick"    L^CLIP = E[min(r A, clip(r, 1-eps, 1+eps) A)]     -> ppo_clip_loss
     "A complete PPO implementation"  GAE (lambda=0: TD, lambda=1: Monte Carlo)         -> compute_gae
-                                     minimise -L^CLIP + c_vf L^V - c_ent H              -> main (update)
+                                     minimise -L^CLIP + c_vf L^V - c_ent H             -> main (update)
                                      gradient-norm clipping                            -> main (clip_grad_norm_)
     "Debugging checklist"            approx KL, k1 = -log r and k3 = (r-1) - log r     -> approx_kl
                                      explained variance 1 - Var(R - V) / Var(R)        -> explained_variance
