@@ -8,6 +8,10 @@ ppo_continuous.py's RunningMeanStd (numpy views of its device tensors, commit 5d
 class as it was before that commit (torch ops on the tensors, written out below as TorchRunningMeanStd). Timed
 alone, not inside the training loop, where every per-step call costs more (benchmarks/SPEED_continuous.md).
 Best of 3; run it with nothing else on the machine.
+
+It compares the numpy-view RunningMeanStd of commits 5d9cb2b-5e54b5e; since 509f8ad the scripts' class is
+the torch one again (issue 22: the views bought 2% of a run, benchmarks/kept_devices.py), so run it in a
+checkout of 5e54b5e.
 """
 
 from __future__ import annotations
