@@ -451,8 +451,9 @@ class RunningMeanStd:
         mean' = mean + w * delta
         var'  = (1 - w) * var + w * var_b + w * (1 - w) * delta^2
 
-    Input: a tensor or a numpy array of any float dtype (computed in float64 on `device`). mean and var are
-    changed in place, so a tensor taken from them stays current; copy.deepcopy and pickle copy them.
+    update() and normalize() run at every env step, so they compute on compute_array views of the tensors
+    (numpy on the CPU, the same memory); the tensors are what is saved, loaded and read. Input of any float
+    dtype, tensor or numpy array; copy.deepcopy and pickle give an independent, working copy.
 
     Example: update([[1.], [3.]]) then update([[5.]]) -> mean 3, var 8/3 (those of [1, 3, 5]).
     """
@@ -461,10 +462,26 @@ class RunningMeanStd:
         self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
         self.var = torch.ones(shape, dtype=torch.float64, device=device)
         self.count = 0.0  # a Python float: exact up to 2^53 samples, and no tensor op per update
+        self._make_views()
+
+    def _make_views(self) -> None:
+        """What update() and normalize() compute on: numpy views of mean and var on the CPU (the same memory),
+        the tensors themselves elsewhere. mean and var are only ever changed in place, so the views stay valid."""
+        self._views = compute_array(self.mean, self.mean.device), compute_array(self.var, self.var.device)
+
+    def __getstate__(self) -> dict:
+        # copy.deepcopy and pickle copy the tensors; views of the old tensors must not come along
+        return {key: value for key, value in self.__dict__.items() if key != "_views"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_views()
 
     def update(self, batch) -> None:
-        """Merge batch [B, *shape] into the statistics, in place."""
-        batch = torch.as_tensor(batch, dtype=torch.float64, device=self.mean.device)
+        """Merge batch [B, *shape] (a tensor or a numpy array; float64 for full precision) into the statistics,
+        in place."""
+        mean, var = self._views
+        batch = compute_array(batch, self.mean.device)
         n = batch.shape[0]
         if n == 1:  # one observation (one env, every step): it is the batch's mean, and var_b = 0 drops out
             batch_mean, batch_var = batch[0], None
@@ -473,18 +490,21 @@ class RunningMeanStd:
             batch_var = ((batch - batch_mean) ** 2).mean(0)
         self.count += n
         w = n / self.count
-        delta = batch_mean - self.mean
-        self.mean += w * delta
-        self.var *= 1.0 - w
+        delta = batch_mean - mean
+        mean += w * delta
+        var *= 1.0 - w
         if batch_var is not None:
-            self.var += w * batch_var
-        self.var += (w * (1.0 - w)) * delta**2
+            var += w * batch_var
+        var += (w * (1.0 - w)) * delta**2
 
     def normalize(self, x) -> torch.Tensor:
         """(x - mean) / sqrt(var + 1e-8), clipped to +-10, as a float32 tensor on the device. x: a tensor or a
         numpy array. Reads the statistics, never updates them."""
-        x = torch.as_tensor(x, dtype=torch.float64, device=self.mean.device)
-        return ((x - self.mean) / (self.var + NORM_EPS) ** 0.5).clip(-NORM_CLIP, NORM_CLIP).float()
+        mean, var = self._views
+        z = ((compute_array(x, self.mean.device) - mean) / (var + NORM_EPS) ** 0.5).clip(-NORM_CLIP, NORM_CLIP)
+        if isinstance(z, np.ndarray):
+            return torch.from_numpy(z.astype(np.float32))
+        return z.float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies, as tensors only, so a checkpoint holding it loads with torch.load(weights_only=True)."""
@@ -526,16 +546,19 @@ class RewardScaler:
     def __call__(self, rewards: torch.Tensor, dones: torch.Tensor) -> torch.Tensor:
         """rewards, dones: [T, N] tensors of any dtype, in step order; returns the scaled rewards [T, N] as float64
         on the scaler's device (the returns and their statistics are computed in float64)."""
-        rewards = rewards.to(self.returns.device, torch.float64)
+        rewards = rewards.to(self.returns.device, torch.float64)  # the loop below writes into views of float64
         T, N = rewards.shape
-        keep = 1.0 - dones.to(rewards.device, torch.float64)  # 0 where the episode ended: G restarts after it
         returns = torch.empty_like(rewards)  # G_t: [T, N]
-        g = self.returns
+        # T dependent steps on N numbers each: on compute_array views (numpy on the CPU), as RunningMeanStd does
+        r, keep, running, out = (
+            compute_array(x, rewards.device) for x in (rewards, 1.0 - dones.to(rewards.dtype), self.returns, returns)
+        )
+        g = running
         for t in range(T):
-            g = rewards[t] + self.gamma * g  # r_t + gamma * G_{t-1}
-            returns[t] = g
+            g = r[t] + self.gamma * g  # r_t + gamma * G_{t-1}
+            out[t] = g
             g = g * keep[t]
-        self.returns.copy_(g)
+        running[...] = g  # into self.returns
         # Statistics after each step t: those before the call merged with returns[: t + 1]. Written with prefix
         # sums of the deviations from the old mean, so every step's variance comes out at once, without the
         # cancellation of E[x^2] - E[x]^2: M2 = n_old * var_old + sum(d^2) - sum(d)^2 / n.
@@ -545,7 +568,7 @@ class RewardScaler:
         sum_dev = deviations.sum(dim=1).cumsum(0)  # [T]
         sum_sq = deviations.square().sum(dim=1).cumsum(0)  # [T]
         var = (rms.count * rms.var + sum_sq - sum_dev.square() / counts) / counts  # [T]
-        rms.mean += sum_dev[-1] / counts[-1]
+        rms.mean += sum_dev[-1] / counts[-1]  # in place: RunningMeanStd computes on views of these tensors
         rms.var.copy_(var[-1])
         rms.count += T * N
         return (rewards / (var + NORM_EPS).sqrt().unsqueeze(1)).clamp(-NORM_CLIP, NORM_CLIP)
@@ -1007,6 +1030,20 @@ def pick_device(want_cuda: bool) -> torch.device:
     if want_cuda and not torch.cuda.is_available():
         print("--cuda: no CUDA device found, running on the CPU")
     return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+
+
+def compute_array(x, device: torch.device):
+    """x (a tensor or a numpy array) in float64, as the running statistics below compute with it: a numpy array
+    on the CPU, a tensor on `device` otherwise. Not a copy where x is a float64 CPU tensor or array already:
+    the array then shares x's memory, so `array += y` changes x.
+
+    Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
+    is all call overhead, and a numpy call has less of it than a torch call (benchmarks/normaliser_cost.py
+    measures both; SPEED_continuous.md what it buys a run). The code that uses these arrays is written with what
+    numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs unchanged on a GPU's tensors."""
+    if device.type == "cpu":
+        return np.asarray(x, dtype=np.float64)
+    return torch.as_tensor(x, dtype=torch.float64, device=device)
 
 
 class SameStepVectorEnv(gym.vector.VectorEnv):

@@ -8,9 +8,7 @@ helper, called under the article's name) and it buys at least 5% of a run's wall
 plumbing below main(); each variant here swaps one of them for the plain thing it replaces, in a process of its
 own, and the runs alternate (with, without-A, without-B, with, ...) so drift in the machine's speed hits all alike:
     sync_vector_env   SameStepVectorEnv -> gymnasium's SyncVectorEnv(SAME_STEP) + RecordEpisodeStatistics
-    torch_normaliser  (b212e2a's version of this file, when the scripts had compute_array) the normalisers'
-                      per-step arithmetic on numpy views of their tensors -> on the tensors themselves: it bought
-                      2% of a ppo_continuous run, under the rule's 5%, and was removed
+    torch_normaliser  the normalisers' per-step arithmetic on numpy views (compute_array) -> on the torch tensors
 Reports the median milliseconds per iteration (the first 3 left out) of each variant and its cost against the
 script as it is. Nothing else should run meanwhile. --out writes the figures and the command as JSON.
 """
@@ -33,6 +31,7 @@ from run import ROOT, machine, package_versions  # noqa: E402
 DRIVER = """
 import sys
 import gymnasium as gym
+import torch
 sys.path.insert(0, {root!r})
 import {module} as script
 variant = {variant!r}
@@ -41,10 +40,12 @@ if variant == "sync_vector_env":
         envs = gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
         return gym.wrappers.vector.RecordEpisodeStatistics(envs)
     script.SameStepVectorEnv = SameStepVectorEnv
+elif variant == "torch_normaliser":
+    script.compute_array = lambda x, device: torch.as_tensor(x, dtype=torch.float64, device=device)
 script.main({argv!r})
 """
-VARIANTS = {"ppo_discrete": ["sync_vector_env"], "ppo_continuous": ["sync_vector_env"],
-            "ppo_penalty": ["sync_vector_env"], "trpo": ["sync_vector_env"]}
+VARIANTS = {"ppo_discrete": ["sync_vector_env"], "ppo_continuous": ["sync_vector_env", "torch_normaliser"],
+            "ppo_penalty": ["sync_vector_env"], "trpo": ["sync_vector_env", "torch_normaliser"]}
 
 
 def median_iteration_ms(module: str, variant: str, argv: list[str]) -> float:

@@ -19,7 +19,7 @@ from conftest import load_scripts, scripts_defining
 SHARED_DEFINITIONS = [
     "compute_gae", "normalize_advantages", "ppo_clip_loss", "approx_kl", "value_loss", "explained_variance",
     "categorical_logprob_entropy", "sample_categorical", "gaussian_log_prob", "gaussian_entropy", "categorical_kl",
-    "gaussian_kl", "layer_init", "RunningMeanStd", "RewardScaler", "SameStepVectorEnv",
+    "gaussian_kl", "layer_init", "RunningMeanStd", "RewardScaler", "compute_array", "SameStepVectorEnv",
     "pick_device", "load_checkpoint",
 ]
 
@@ -392,6 +392,48 @@ def test_running_mean_std_normalize_clips_and_returns_float32(RunningMeanStd):
     assert rms.count == 2  # normalize read the statistics, it did not update them
 
 
+@pytest.mark.parametrize("compute_array", scripts_defining("compute_array"))
+def test_compute_array_is_a_numpy_view_on_the_cpu(compute_array):
+    """On the CPU: numpy, sharing the memory of a float64 tensor or array (writes reach the tensor), a float64
+    copy of anything else."""
+    t = torch.zeros(3, dtype=torch.float64)
+    view = compute_array(t, torch.device("cpu"))
+    view += 2.0
+    assert isinstance(view, np.ndarray) and t.tolist() == [2.0, 2.0, 2.0]
+    x = np.ones(3)
+    assert compute_array(x, torch.device("cpu")) is x
+    converted = compute_array(torch.ones(3, dtype=torch.float32), torch.device("cpu"))
+    assert converted.dtype == np.float64 and converted.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("RunningMeanStd", scripts_defining("RunningMeanStd"))
+def test_running_statistics_compute_the_same_on_tensors_as_on_numpy_views(RunningMeanStd, monkeypatch):
+    """What runs on a GPU (the formulas on tensors) gives what runs on the CPU (on numpy views of them): here
+    both on the CPU, the tensor path by making compute_array return tensors. RewardScaler too."""
+    import sys
+
+    script = sys.modules[RunningMeanStd.__module__]
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(n, 4, generator=g, dtype=torch.float64) * 3 + 1 for n in (1, 5, 1, 1, 8, 2, 1)]
+    x = torch.randn(6, 4, generator=g, dtype=torch.float64) * 4
+    rewards = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    dones = (torch.rand(40, 2, generator=g) < 0.1).float()
+
+    def run():
+        rms, scaler = RunningMeanStd((4,), torch.device("cpu")), script.RewardScaler(2, 0.99, torch.device("cpu"))
+        for batch in batches:
+            rms.update(batch)
+        scaled = torch.cat([scaler(rewards[:15], dones[:15]), scaler(rewards[15:], dones[15:])])
+        return rms.mean, rms.var, rms.normalize(x), scaled, scaler.returns, scaler.return_rms.var
+
+    on_numpy = run()
+    monkeypatch.setattr(script, "compute_array", lambda x, device: torch.as_tensor(x, dtype=torch.float64, device=device))
+    on_tensors = run()
+    assert isinstance(on_numpy[2], torch.Tensor) and on_numpy[2].dtype == on_tensors[2].dtype == torch.float32
+    for a, b in zip(on_numpy, on_tensors):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # the same formulas; sums may round apart
+
+
 @pytest.mark.parametrize("RewardScaler", scripts_defining("RewardScaler"))
 def test_reward_scaler_divides_by_std_of_the_discounted_returns_seen(RewardScaler):
     gamma, T, N = 0.9, 30, 3
@@ -445,8 +487,8 @@ def test_reward_scaler_restarts_the_return_at_episode_end(RewardScaler):
 @pytest.mark.parametrize("RewardScaler", scripts_defining("RewardScaler"))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 def test_reward_scaler_takes_any_float_dtype(RewardScaler, dtype):
-    """Paste trap (df10cae): the return loop wrote into numpy views of float64 memory; fed float32 rewards it wrote
-    into a converted copy, returned uninitialised memory and corrupted the statistics."""
+    """Paste trap: the return loop writes into views of float64 memory; fed float32 rewards it once wrote into a
+    converted copy and returned uninitialised memory, and corrupted the statistics."""
     scaler = RewardScaler(1, 0.5, torch.device("cpu"))
     scaled = scaler(torch.tensor([[2.0], [2.0]], dtype=dtype), torch.zeros(2, 1, dtype=dtype))
     assert scaled[:, 0].tolist() == pytest.approx([10.0, 4.0], rel=1e-6)  # the docstring's example
@@ -457,8 +499,8 @@ def test_reward_scaler_takes_any_float_dtype(RewardScaler, dtype):
 @pytest.mark.parametrize("RunningMeanStd", scripts_defining("RunningMeanStd"))
 @pytest.mark.parametrize("duplicate", ["deepcopy", "pickle"])
 def test_running_mean_std_copies_are_independent_and_working(RunningMeanStd, duplicate):
-    """Paste trap (df10cae computed on numpy views of the tensors, which a copy did not share): a copy's update()
-    must reach its state_dict(), its load_state_dict() its normalize(), and the original must stay untouched."""
+    """Paste trap: on the CPU the statistics are computed on numpy views of the tensors; a copy must compute on
+    views of its own tensors, so that update() reaches state_dict() and load_state_dict() reaches normalize()."""
     import copy
     import pickle
 

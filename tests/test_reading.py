@@ -11,7 +11,7 @@ from conftest import ROOT, SCRIPT_NAMES
 SCRIPTS = [name for name in SCRIPT_NAMES if (ROOT / f"{name}.py").exists()]
 PLUMBING_BANNER = "# Plumbing a reader may skip"
 # Plumbing every script that has it keeps below main(); the article's pieces stay above it.
-PLUMBING = {"check_args", "pick_device", "SameStepVectorEnv", "make_envs", "check_env", "Logger",
+PLUMBING = {"check_args", "pick_device", "compute_array", "SameStepVectorEnv", "make_envs", "check_env", "Logger",
             "load_checkpoint", "evaluate"}
 ARTICLE = {"compute_gae", "ppo_clip_loss", "approx_kl", "value_loss", "kl_penalty_loss", "conjugate_gradient",
            "fisher_vector_product", "line_search", "trpo_update", "RunningMeanStd", "RewardScaler", "Agent"}
