@@ -76,10 +76,10 @@ class Args:
     cuda: bool = False
     """run networks, normalisers and rollout buffer on the GPU if there is one (else the CPU, with a notice)"""
     torch_threads: int = 1
-    """CPU threads torch may use; 1 for 64-unit MLPs on 64-sample minibatches (benchmarks/SPEED_continuous.md)"""
+    """CPU threads torch may use; 1 for 64-unit MLPs on 64-sample minibatches (benchmarks/SPEED.md)"""
     compile: bool = False
     """torch.compile the minibatch loss (forward and backward): a one-off compile, then less time per minibatch
-    on the CPU; the same arithmetic up to float rounding (measured in benchmarks/SPEED_continuous.md)"""
+    on the CPU; the same arithmetic up to float rounding (measured in benchmarks/SPEED.md)"""
     track: bool = False
     """log to Weights & Biases (works with WANDB_MODE=offline; a wandb error never stops training)"""
     wandb_project_name: str = "trust-region-rl"
@@ -733,9 +733,9 @@ def compute_array(x, device: torch.device):
     the array then shares x's memory, so `array += y` changes x.
 
     Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
-    is all call overhead, and a numpy call has less of it than a torch call (benchmarks/normaliser_cost.py
-    measures both; SPEED_continuous.md what it buys a run). The code that uses these arrays is written with what
-    numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs unchanged on a GPU's tensors."""
+    is all call overhead, and a numpy call has less of it than a torch call (benchmarks/SPEED.md: what it buys
+    a run). The code that uses these arrays is written with what numpy arrays and tensors share (+, -, *, /,
+    **, [], .clip, .mean), so it runs unchanged on a GPU's tensors."""
     if device.type == "cpu":
         return np.asarray(x, dtype=np.float64)
     return torch.as_tensor(x, dtype=torch.float64, device=device)
@@ -754,7 +754,7 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
     envs' action checks test those faster than numpy integers), the float32 row for a Box, as SyncVectorEnv
     hands it (MuJoCo's control cost squares the action, so float64 numbers would change the rewards' last bits).
     Why not SyncVectorEnv itself: its general machinery (info merging, batching dispatched on the space, copies)
-    costs more per step than this plain loop (measured in benchmarks/SPEED.md and SPEED_continuous.md).
+    costs more per step than this plain loop (measured in benchmarks/SPEED.md).
     The same class in every script that steps gymnasium envs."""
 
     def __init__(self, env_fns: list):

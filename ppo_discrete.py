@@ -528,7 +528,7 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
     envs' action checks test those faster than numpy integers), the float32 row for a Box, as SyncVectorEnv
     hands it (MuJoCo's control cost squares the action, so float64 numbers would change the rewards' last bits).
     Why not SyncVectorEnv itself: its general machinery (info merging, batching dispatched on the space, copies)
-    costs more per step than this plain loop (measured in benchmarks/SPEED.md and SPEED_continuous.md).
+    costs more per step than this plain loop (measured in benchmarks/SPEED.md).
     The same class in every script that steps gymnasium envs."""
 
     def __init__(self, env_fns: list):

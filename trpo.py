@@ -1038,9 +1038,9 @@ def compute_array(x, device: torch.device):
     the array then shares x's memory, so `array += y` changes x.
 
     Why numpy on the CPU: the statistics are updated at every env step on a few dozen numbers, where an op's cost
-    is all call overhead, and a numpy call has less of it than a torch call (benchmarks/normaliser_cost.py
-    measures both; SPEED_continuous.md what it buys a run). The code that uses these arrays is written with what
-    numpy arrays and tensors share (+, -, *, /, **, [], .clip, .mean), so it runs unchanged on a GPU's tensors."""
+    is all call overhead, and a numpy call has less of it than a torch call (benchmarks/SPEED.md: what it buys
+    a run). The code that uses these arrays is written with what numpy arrays and tensors share (+, -, *, /,
+    **, [], .clip, .mean), so it runs unchanged on a GPU's tensors."""
     if device.type == "cpu":
         return np.asarray(x, dtype=np.float64)
     return torch.as_tensor(x, dtype=torch.float64, device=device)
@@ -1059,7 +1059,7 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
     envs' action checks test those faster than numpy integers), the float32 row for a Box, as SyncVectorEnv
     hands it (MuJoCo's control cost squares the action, so float64 numbers would change the rewards' last bits).
     Why not SyncVectorEnv itself: its general machinery (info merging, batching dispatched on the space, copies)
-    costs more per step than this plain loop (measured in benchmarks/SPEED.md and SPEED_continuous.md).
+    costs more per step than this plain loop (measured in benchmarks/SPEED.md).
     The same class in every script that steps gymnasium envs."""
 
     def __init__(self, env_fns: list):

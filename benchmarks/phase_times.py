@@ -11,8 +11,10 @@ prints the mean milliseconds per iteration of each phase, the first two iteratio
 torch.compile). The timers cost ~0.2 us each; run it with nothing else on the machine. The script itself is not
 modified.
 
-It reads the code of ppo_discrete.py / ppo_continuous.py up to df10cae (tanh_mlp, the noise drawn once per
-rollout, the hand-written clip_grad_norm), which issue 22 removed: run it in a checkout of df10cae.
+It finds each phase by lines of the script's main(); when one is missing it says which, and this file needs
+updating. The rollout's "env.step" phase includes writing the step's rewards and dones to the device (and, when
+an episode ends, merging its final observation into the statistics); "obs normaliser" is the running
+statistics' update and the normalisation (ppo_continuous.py).
 """
 
 from __future__ import annotations
@@ -31,18 +33,17 @@ COMMON = [
      "    for iteration in range(1, num_iterations + 1):\n"),
     ("        # ---- pi_old's log-probs", "        TT['rollout (total)'] += pc() - t0; t0 = pc()\n        # ---- pi_old's log-probs"),
     ("        # ---- update: update_epochs", "        TT['batched forward + GAE'] += pc() - t0; t0 = pc()\n        # ---- update: update_epochs"),
-    ("                for param in params:  # what optimizer.zero_grad(set_to_none=True) does, without its per-call hooks\n"
-     "                    param.grad = None\n",
+    ("                optimizer.zero_grad()\n",
      "                tl = pc(); TT['update: loss'] += tl - tm\n"
-     "                for param in params:\n                    param.grad = None\n"
-     "                tz = pc(); TT['update: zero grads'] += tz - tl\n"),
+     "                optimizer.zero_grad()\n"
+     "                tz = pc(); TT['update: zero_grad'] += tz - tl\n"),
     ("                loss.backward()\n", "                loss.backward()\n                tb2 = pc(); TT['update: backward'] += tb2 - tz\n"),
-    ("                clip_grad_norm(params, args.max_grad_norm)\n",
-     "                clip_grad_norm(params, args.max_grad_norm)\n"
-     "                tcl = pc(); TT['update: clip_grad_norm'] += tcl - tb2\n"),
+    ("                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)\n",
+     "                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)\n"
+     "                tcl = pc(); TT['update: clip_grad_norm_'] += tcl - tb2\n"),
     ("                optimizer.step()\n", "                optimizer.step()\n                TT['update: Adam step'] += pc() - tcl\n"),
-    ("                mb = slice(start, start + minibatch_size)\n",
-     "                tm = pc()\n                mb = slice(start, start + minibatch_size)\n"),
+    ("                mb_inds = b_inds[start : start + minibatch_size]\n",
+     "                tm = pc()\n                mb_inds = b_inds[start : start + minibatch_size]\n"),
     ("        # ---- diagnostics", "        TT['update (total)'] += pc() - t0; t0 = pc()\n        # ---- diagnostics"),
     ("        logger.log({", "        TT['diagnostics'] += pc() - t0\n        if iteration == 2:\n            TT.clear()\n        logger.log({"),
     ("    envs.close()\n    summary",
@@ -52,9 +53,9 @@ COMMON = [
 PER_SCRIPT = {
     "ppo_discrete.py": [
         ("            for step in range(T):\n", "            t0 = pc()\n            for step in range(T):\n                ta = pc()\n"),
-        ("                next_obs_np, reward, terminated, truncated, info = envs.step(action)\n",
-         "                tb = pc(); TT['rollout: policy'] += tb - ta\n"
-         "                next_obs_np, reward, terminated, truncated, info = envs.step(action)\n"
+        ("                next_obs_np, reward, terminated, truncated, info = envs.step(action.cpu().numpy())\n",
+         "                np_action = action.cpu().numpy(); tb = pc(); TT['rollout: policy'] += tb - ta\n"
+         "                next_obs_np, reward, terminated, truncated, info = envs.step(np_action)\n"
          "                TT['rollout: env.step'] += pc() - tb\n"),
     ],
     "ppo_continuous.py": [
@@ -63,6 +64,9 @@ PER_SCRIPT = {
          "                env_action = env_action.cpu().numpy(); tb = pc(); TT['rollout: policy'] += tb - ta\n"
          "                raw_obs, reward, terminated, truncated, info = envs.step(env_action)\n"
          "                te = pc(); TT['rollout: env.step'] += te - tb\n"),
+        ("                obs_rms.update(raw_obs)  # the observations the policy will act on (reset ones included)\n",
+         "                tf = pc(); TT['rollout: env.step'] += tf - te; te = tf\n"
+         "                obs_rms.update(raw_obs)  # the observations the policy will act on (reset ones included)\n"),
         ("                next_obs = obs_rms.normalize(raw_obs)\n",
          "                next_obs = obs_rms.normalize(raw_obs)\n                TT['rollout: obs normaliser'] += pc() - te\n"),
         ("            rewards = reward_scaler(raw_rewards, dones).float()",
