@@ -7,10 +7,10 @@ cleanrl's scripts print `global_step=..., episodic_return=[...]` for every finis
 script for each seed (at most --jobs at once, each with OMP_NUM_THREADS=1 so that two runs on two cores do not
 busy-wait on each other's threads), keeps those lines, and writes to --out (default
 benchmarks/results/cleanrl_<script>/<env>/):
-    seed<k>.jsonl   one line per finished episode: global_step, episodic_return, episodic_return_100 (mean of
+    seed<k>.json.gz one row per finished episode: global_step, episodic_return, episodic_return_100 (mean of
                     the last 100 episodes so far) and time (null: cleanrl prints none), so that
-                    benchmarks/plot.py draws it beside our runs against steps
-    update_seed<k>.jsonl  one line per iteration: cleanrl's logged entropy, clip fraction, approx KL, explained
+                    benchmarks/plot.py draws it beside our runs against steps (benchmarks/compact.py's format)
+    update_seed<k>.json.gz  one row per iteration: cleanrl's logged entropy, clip fraction, approx KL, explained
                     variance and value loss (benchmarks/diagnostics.py --export, run with cleanrl's python, which
                     has tensorboard to read them from cleanrl's event files under work/)
     summary.json    command, seeds, machine, date, per-seed final return, mean and std over seeds
@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from compact import write_metrics
 from run import machine, package_versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +87,9 @@ def main() -> None:
              "time": None}
             for i, (step, r) in enumerate(found)
         ]
-        (out / f"seed{seed}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
-        finals[seed] = float(returns[-100:].mean())
+        write_metrics(out / f"seed{seed}.json.gz", episodes)
+        (out / f"seed{seed}.jsonl").unlink(missing_ok=True)  # an older run's plain file would be read twice
+        finals[seed] = float(returns[-100:].mean())  # exact, before rounding
     values = np.array(list(finals.values()))
     summary = {
         "script": args.script.name,

@@ -5,14 +5,15 @@
         $R/cleanrl_ppo_continuous_action/Hopper-v4,$R/more_seeds/cleanrl_ppo_continuous_action/Hopper-v4 \
         --at 250000 500000 750000
 
-Arguments are groups, as for plot.py: a folder written by run.py or cleanrl_reference.py, or several joined by
-commas. For each group it prints, for --key (default: the last-100 episodic return):
+Arguments are groups, as for plot.py: a folder written by run.py or cleanrl_reference.py (seed<k>.json.gz or
+seed<k>.jsonl files), a run's own folder runs/<run_name>, or several joined by commas. For each group it prints,
+for --key (default: the last-100 episodic return):
   final        the last logged value of each seed, then mean +- std over seeds (ddof 0, as everywhere here)
   at steps     the mean over seeds of each seed's curve, linearly interpolated at the --at steps
   run mean     each seed's curve averaged over 200 evenly spaced steps from the group's first logged step to
                its shortest seed's last, then mean +- std over seeds (one number for "ahead for most of the run")
   t            Welch's t of the final values against the first group (variances with ddof 1)
---seeds k ... reads only the files seed<k>.jsonl of those seeds in every group (seeds 1-3 of a six-seed folder).
+--seeds k ... reads only the files seed<k> of those seeds in every group (seeds 1-3 of a six-seed folder).
   median       (--median) each seed's median of --key over its iterations (e.g. --key kl_exact)
   reaches      (--reach X) each seed's first step at which --key >= X (e.g. 475 on CartPole)
 With --paired and two groups, each seed file of the first is paired with the file of the same name in the
@@ -21,13 +22,13 @@ with each folder of the other), and it prints the differences of the final value
 are positive, their mean, a one-sided sign test and the paired t; then the same for the run means (each pair's
 curves averaged over 200 steps spanning what both logged), which a late jump to another gait moves less.
 With --first-difference and two groups of our scripts' runs, it also prints, per seed file present in both,
-the first iteration whose metrics (all but time and SPS) differ: where two variants of a script part ways.
+the first iteration whose metrics (all but time and SPS) differ: where two variants of a script part ways. The
+values are compared as stored (8 significant digits; a fresh run's metrics.jsonl is rounded alike first).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compact import read_metrics, rounded, seed_files, seed_number, stem  # noqa: E402
 from plot import load_seeds  # noqa: E402
 
 
@@ -44,21 +46,22 @@ def welch_t(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def without_clock(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in ("time", "sps")}
+    """A row as stored (floats to 8 significant digits), wall-clock keys and unknown values left out."""
+    return {k: rounded(v) for k, v in row.items() if k not in ("time", "sps") and v is not None}
 
 
 def first_difference(group_a: list[Path], group_b: list[Path], only: list[int] | None) -> None:
-    files_b = {p.name: p for folder in group_b for p in folder.glob("seed*.jsonl")}
-    for path_a in sorted((p for folder in group_a for p in folder.glob("seed*.jsonl")), key=lambda p: p.name):
-        if path_a.name not in files_b or (only is not None and int(path_a.stem[len("seed"):]) not in only):
+    files_b = {stem(p): p for folder in group_b for p in seed_files(folder)}
+    for path_a in sorted((p for folder in group_a for p in seed_files(folder)), key=lambda p: p.name):
+        if stem(path_a) not in files_b or (only is not None and seed_number(path_a) not in only):
             continue
-        rows_a, rows_b = ([json.loads(line) for line in p.read_text().splitlines()] for p in (path_a, files_b[path_a.name]))
+        rows_a, rows_b = (read_metrics(p) for p in (path_a, files_b[stem(path_a)]))
         pairs = zip(map(without_clock, rows_a), map(without_clock, rows_b))
         where = next((i for i, (row_a, row_b) in enumerate(pairs) if row_a != row_b), None)
         if where is None:
-            print(f"  {path_a.name}: identical over {min(len(rows_a), len(rows_b))} iterations")
+            print(f"  {stem(path_a)}: identical over {min(len(rows_a), len(rows_b))} iterations")
         else:
-            print(f"  {path_a.name}: first difference at iteration {rows_a[where]['iteration']} "
+            print(f"  {stem(path_a)}: first difference at iteration {rows_a[where]['iteration']} "
                   f"(step {rows_a[where]['global_step']})")
 
 
@@ -69,7 +72,7 @@ def fmt(x: float) -> str:
 
 def curve(path: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(global_step, value) of the iterations of one seed file where `key` is known."""
-    rows = [r for r in map(json.loads, path.read_text().splitlines()) if r.get(key) is not None]
+    rows = [r for r in read_metrics(path) if r.get(key) is not None]
     return np.array([r["global_step"] for r in rows], dtype=float), np.array([r[key] for r in rows], dtype=float)
 
 
@@ -99,9 +102,11 @@ def paired(group_a: list[Path], group_b: list[Path], key: str) -> None:
             group_a = group_a * len(group_b)
         else:
             group_b = group_b * len(group_a)
-    pairs = [(curve(path_a, key), curve(folder_b / path_a.name, key))
-             for folder_a, folder_b in zip(group_a, group_b)
-             for path_a in sorted(folder_a.glob("seed*.jsonl")) if (folder_b / path_a.name).exists()]
+    pairs = []
+    for folder_a, folder_b in zip(group_a, group_b):
+        files_b = {stem(p): p for p in seed_files(folder_b)}
+        pairs += [(curve(path_a, key), curve(files_b[stem(path_a)], key))
+                  for path_a in seed_files(folder_a) if stem(path_a) in files_b]
     print_paired("final", [value_b[-1] - value_a[-1] for (_, value_a), (_, value_b) in pairs])
     print_paired("run mean", [mean_b - mean_a for mean_a, mean_b in (run_means(list(pair)) for pair in pairs)])
 

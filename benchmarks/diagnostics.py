@@ -9,11 +9,11 @@ of environment steps and over seeds.
 Final returns are noisy (three seeds of Hopper move by ~500); the diagnostics of the update are not, so two
 scripts that implement the same algorithm should give the same window means here, and a difference points at
 where they part. Arguments are groups, as for plot.py and compare.py (folders joined by commas make one group):
-  - a folder of our runs (run.py): the seed*.jsonl metrics are read;
-  - a folder written by cleanrl_reference.py: its update_seed*.jsonl, one line per iteration with the keys below,
-    which --export writes from cleanrl's tensorboard files under work/seed*/runs/ (not committed; reading them
-    needs the `tensorboard` package, which cleanrl's own venv has: run --export with that venv's python). With
-    no update_seed*.jsonl, the tensorboard files are read directly.
+  - a folder of our runs (run.py): the seed<k> metrics are read (seed<k>.json.gz, or plain seed<k>.jsonl);
+  - a folder written by cleanrl_reference.py: its update_seed<k>.json.gz, one row per iteration with the keys
+    below, which --export writes (in benchmarks/compact.py's format) from cleanrl's tensorboard files under
+    work/seed*/runs/ (not committed; reading them needs the `tensorboard` package, which cleanrl's own venv has:
+    run --export with that venv's python). With no update_seed<k> file, the tensorboard files are read directly.
 Keys, ours = cleanrl's: entropy = losses/entropy, clipfrac = losses/clipfrac, value_loss = losses/value_loss,
 approx_kl_k3 = losses/approx_kl, explained_variance = losses/explained_variance. Two of them are defined
 slightly differently: cleanrl logs entropy, value loss and approx KL of the LAST minibatch of an update (the KL
@@ -25,10 +25,13 @@ but moves a little within an update; the KL differs by one minibatch step.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compact import read_metrics, seed_files, write_metrics  # noqa: E402
 
 CLEANRL_TAGS = {
     "entropy": "losses/entropy",
@@ -59,7 +62,7 @@ def read_tensorboard(folder: Path) -> dict[str, dict[str, np.ndarray]]:
 
 
 def export(folder: Path) -> None:
-    """Write update_seed<k>.jsonl (one line per iteration: global_step and the keys) from the tensorboard files."""
+    """Write update_seed<k>.json.gz (one row per iteration: global_step and the keys) from the tensorboard files."""
     seeds = read_tensorboard(folder)
     if not seeds:
         raise SystemExit(f"error: no cleanrl tensorboard files under {folder}/work")
@@ -70,30 +73,30 @@ def export(folder: Path) -> None:
                 # tensorboard stores float32: 7 significant digits keep all of it
                 rows.setdefault(int(step), {"global_step": int(step)})[key] = float(f"{value:.7g}")
         rows = [rows[step] for step in sorted(rows)]
-        (folder / f"update_{seed}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        print(f"{folder / f'update_{seed}.jsonl'}: {len(rows)} iterations")
+        write_metrics(folder / f"update_{seed}.json.gz", rows)
+        print(f"{folder / f'update_{seed}.json.gz'}: {len(rows)} iterations")
 
 
 def load(folder: Path) -> list[dict[str, np.ndarray]]:
     """Per seed: key -> [iterations, 2] array of (global_step, value)."""
-    updates = sorted(folder.glob("update_seed*.jsonl"))
+    updates = seed_files(folder, prefix="update_seed")
     if updates:  # cleanrl_reference.py's folder, exported
         seeds = []
         for path in updates:
-            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            rows = read_metrics(path)
             seeds.append({k: np.array([(r["global_step"], r[k]) for r in rows]) for k in CLEANRL_TAGS})
         return seeds
     cleanrl_runs = read_tensorboard(folder)  # cleanrl_reference.py's folder, not exported
     if cleanrl_runs:
         return list(cleanrl_runs.values())
     seeds = []
-    for path in sorted(folder.glob("seed*.jsonl")):
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for path in seed_files(folder):
+        rows = read_metrics(path)
         seeds.append({
             k: np.array([(r["global_step"], r[k]) for r in rows if r.get(k) is not None]) for k in CLEANRL_TAGS
         })
     if not seeds:
-        raise SystemExit(f"error: neither seed*.jsonl nor cleanrl tensorboard files in {folder}")
+        raise SystemExit(f"error: neither seed<k> files nor cleanrl tensorboard files in {folder}")
     if not any(len(v) for seed in seeds for v in seed.values()):  # cleanrl_reference.py's per-episode files only
         raise SystemExit(f"error: no diagnostics in {folder}: for cleanrl's runs, re-run cleanrl_reference.py and "
                          "then this with --export")
@@ -106,7 +109,7 @@ def main() -> None:
     parser.add_argument("--windows", type=float, nargs="+", default=[0, 50e3, 150e3, 300e3, 500e3, 750e3, 1e6],
                         help="window edges in environment steps; a window is (lo, hi]")
     parser.add_argument("--export", action="store_true",
-                        help="write update_seed<k>.jsonl into each cleanrl_reference.py folder given, and stop")
+                        help="write update_seed<k>.json.gz into each cleanrl_reference.py folder given, and stop")
     args = parser.parse_args()
     if args.export:
         for folder in (Path(f) for g in args.groups for f in g.split(",")):

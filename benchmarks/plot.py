@@ -1,11 +1,11 @@
 """Plot return against environment steps and against wall-clock time, mean +- std over seeds.
 
-    python benchmarks/plot.py benchmarks/results/ppo_discrete/CartPole-v1 --out benchmarks/cartpole.png
+    python benchmarks/plot.py benchmarks/results/ppo_discrete/CartPole-v1 --out benchmarks/figures/cartpole.png
     python benchmarks/plot.py results/ppo_continuous/Hopper-v4 results/trpo/Hopper-v4 --out hopper.png
 
-Each argument is a folder written by benchmarks/run.py (seed*.jsonl files), or several joined by commas whose
-seeds make one curve (seeds 1-3 and 4-6 run at different times); each argument becomes one curve labelled
-<script> on <env>. The y value is the mean return of the last 100 episodes at each iteration: mean +- std over seeds against
+Each argument is a folder written by benchmarks/run.py (seed<k>.json.gz files, or plain seed<k>.jsonl), a run's own
+folder runs/<run_name> (its metrics.jsonl is one seed), or several joined by commas whose seeds make one curve
+(seeds 1-3 and 4-6 run at different times); each argument becomes one curve labelled <script> on <env>. The y value is the mean return of the last 100 episodes at each iteration: mean +- std over seeds against
 steps, one line per seed against wall-clock (seeds share the cores unevenly, so their clocks differ).
 Needs matplotlib (optional dependency: pip install matplotlib).
 """
@@ -13,25 +13,27 @@ Needs matplotlib (optional dependency: pip install matplotlib).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compact import read_metrics, seed_files, seed_number  # noqa: E402
+
 
 def load_seeds(folders: list[Path], key: str, only: Optional[list[int]] = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per seed: (global_step, time, value) arrays of the iterations where `key` is known. With `only`, just
-    the files seed<k>.jsonl of those k."""
+    the files seed<k> of those k."""
     seeds = []
-    for path in (p for folder in folders for p in sorted(folder.glob("seed*.jsonl"))):
-        if only is not None and int(path.stem[len("seed"):]) not in only:
+    for path in (p for folder in folders for p in seed_files(folder)):
+        if only is not None and seed_number(path) not in only:
             continue
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        rows = [r for r in rows if r.get(key) is not None]
-        seeds.append(tuple(np.array([r[k] for r in rows], dtype=float) for k in ("global_step", "time", key)))
+        rows = [r for r in read_metrics(path) if r.get(key) is not None]
+        seeds.append(tuple(np.array([r.get(k) for r in rows], dtype=float) for k in ("global_step", "time", key)))
     if not seeds:
-        raise SystemExit(f"error: no seed*.jsonl in {', '.join(map(str, folders))}")
+        raise SystemExit(f"error: no seed files (seed<k>.json.gz, seed<k>.jsonl) in {', '.join(map(str, folders))}")
     return seeds
 
 

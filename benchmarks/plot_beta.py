@@ -2,10 +2,10 @@
 per update against the band [kl_target / 1.5, 1.5 kl_target] that the beta rule steers it into.
 
     python benchmarks/plot_beta.py runs/<run_name>/metrics.jsonl --out beta.png
-    python benchmarks/plot_beta.py benchmarks/results/ppo_penalty/HalfCheetah-v4/seed1.jsonl \
-        --out benchmarks/ppo_penalty_beta_halfcheetah.png --with-k3
+    python benchmarks/plot_beta.py benchmarks/results/ppo_penalty/HalfCheetah-v4/seed1.json.gz \
+        --out benchmarks/figures/ppo_penalty_beta_halfcheetah.png --with-k3
 
-Each argument is a metrics .jsonl written by ppo_penalty.py (or copied by benchmarks/run.py as seed<k>.jsonl);
+Each argument is a metrics.jsonl written by ppo_penalty.py (or stored by benchmarks/run.py as seed<k>.json.gz);
 several files are drawn on the same axes, one colour each. Top panel: `beta`, the penalty coefficient each
 iteration's update used (log axis). Bottom panel: `kl_exact`, the exact mean KL(pi_old || pi_new) over the
 batch after that update (log axis; iterations with KL = 0 are not drawn), with the target as a dashed line
@@ -17,17 +17,20 @@ Needs matplotlib (optional dependency: pip install matplotlib).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compact import read_metrics, stem  # noqa: E402
 
 
 def load(path: Path) -> dict[str, np.ndarray]:
     """iteration, beta, kl_exact, approx_kl_k3 and kl_target columns of a ppo_penalty metrics file."""
     if not path.is_file():
         raise SystemExit(f"error: no file {path}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(path)
     if not rows or "beta" not in rows[0] or "kl_exact" not in rows[0]:
         raise SystemExit(f"error: {path} has no beta / kl_exact columns; is it a ppo_penalty.py metrics file?")
     return {
@@ -38,7 +41,7 @@ def load(path: Path) -> dict[str, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("files", type=Path, nargs="+", help="metrics .jsonl files of ppo_penalty.py runs")
+    parser.add_argument("files", type=Path, nargs="+", help="metrics files of ppo_penalty.py runs (.jsonl, .json.gz)")
     parser.add_argument("--out", type=Path, required=True, help="PNG file to write")
     parser.add_argument("--with-k3", action="store_true", help="also draw the k3 estimate of the KL")
     parser.add_argument("--title", default=None, help="default: the folder of the first file")
@@ -62,7 +65,7 @@ def main() -> None:
     ax_kl.axhline(kl_target, color="tab:green", linestyle="--", linewidth=1, label=f"kl_target {kl_target:g}")
     for index, (path, run) in enumerate(runs):
         color = f"C{index}"
-        label = path.stem if path.stem != "metrics" else path.parent.name
+        label = stem(path) if stem(path) != "metrics" else path.parent.name
         ax_beta.plot(run["iteration"], run["beta"], color=color, label=label, drawstyle="steps-post")
         kl = np.where(run["kl_exact"] > 0, run["kl_exact"], np.nan)  # a log axis cannot show 0
         ax_kl.plot(run["iteration"], kl, color=color, linewidth=1, label=f"exact KL ({label})")

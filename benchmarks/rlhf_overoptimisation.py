@@ -9,10 +9,10 @@ several KL coefficients beta, over several seeds, and PPO against DPO. Runs the 
 Every (beta, seed) run is `python ppo_rlhf_toy.py --beta <beta> --seed <seed> --exp-name beta<beta> <extra>`,
 in its own folder, at most --jobs at a time. For one seed every beta shares the same pi_ref, reward model and
 DPO policy (same data and seeds; only PPO differs). Results land in benchmarks/results/ppo_rlhf_toy/:
-    beta<beta>/seed<k>.jsonl   the run's metrics (every stage; rows have a "stage" key)
+    beta<beta>/seed<k>.json.gz the run's metrics (every stage; rows have a "stage" key; benchmarks/compact.py)
     summary.json               command, machine, date, per-run final numbers
-and the figure and the table in --plot / --table (defaults benchmarks/rlhf_overoptimisation.png and
-benchmarks/rlhf_results.md). The plot needs matplotlib.
+then it prints the table (markdown; also written to --table if given) and draws the figure in --plot (default
+benchmarks/figures/rlhf_overoptimisation.png; needs matplotlib).
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compact import read_metrics, seed_files, write_metrics  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "ppo_rlhf_toy.py"
 
@@ -46,7 +49,7 @@ def machine() -> str:
 
 
 def run_sweep(betas: list[str], seeds: list[int], jobs: int, extra: list[str], out: Path) -> None:
-    """Run every (beta, seed), copy its metrics to out/beta<beta>/seed<seed>.jsonl, write out/summary.json."""
+    """Run every (beta, seed), store its metrics as out/beta<beta>/seed<seed>.json.gz, write out/summary.json."""
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     pending = [(beta, seed) for beta in betas for seed in seeds]
@@ -75,8 +78,8 @@ def run_sweep(betas: list[str], seeds: list[int], jobs: int, extra: list[str], o
                 raise SystemExit(f"error: beta {beta} seed {seed} wrote no metrics; see "
                                  f"{work / f'beta{beta}' / f'seed{seed}' / 'stdout.log'}")
             (out / f"beta{beta}").mkdir(parents=True, exist_ok=True)
-            shutil.copy(found[-1], out / f"beta{beta}" / f"seed{seed}.jsonl")
-            rows = [json.loads(line) for line in found[-1].read_text().splitlines()]
+            rows = read_metrics(found[-1])
+            write_metrics(out / f"beta{beta}" / f"seed{seed}.json.gz", rows)
             runs[f"beta{beta}/seed{seed}"] = rows[-1]
     summary = {
         "command": commands[(betas[0], seeds[0])].replace(f"--beta {betas[0]}", "--beta <beta>")
@@ -91,11 +94,11 @@ def run_sweep(betas: list[str], seeds: list[int], jobs: int, extra: list[str], o
 
 
 def load(out: Path, betas: list[str] | None) -> dict:
-    """{beta: [rows of seed 1, rows of seed 2, ...]} from out/beta*/seed*.jsonl (only `betas` if given)."""
+    """{beta: [rows of seed 1, rows of seed 2, ...]} from out/beta*/seed<k> files (only `betas` if given)."""
     runs = {}
     folders = [out / f"beta{b}" for b in betas] if betas else out.glob("beta*")
     for folder in sorted(folders, key=lambda p: float(p.name[4:])):
-        seeds = [[json.loads(line) for line in f.read_text().splitlines()] for f in sorted(folder.glob("seed*.jsonl"))]
+        seeds = [read_metrics(f) for f in seed_files(folder)]
         if seeds:
             runs[folder.name[4:]] = seeds
     if not runs:
@@ -112,8 +115,9 @@ def mean_std(values) -> str:
     return f"{values.mean():.2f} ± {values.std():.2f}"
 
 
-def write_table(runs: dict, path: Path, summary: dict) -> None:
-    """Markdown: final gold / proxy / KL per beta (mean ± std over seeds), pi_ref and DPO."""
+def write_table(runs: dict, path: Path | None, summary: dict) -> None:
+    """Markdown: final gold / proxy / KL per beta (mean ± std over seeds), pi_ref and DPO; printed, and written to
+    path if given."""
     any_beta = next(iter(runs.values()))
     finals = {beta: [rows[-1] for rows in seeds] for beta, seeds in runs.items()}
     lines = [
@@ -154,8 +158,10 @@ def write_table(runs: dict, path: Path, summary: dict) -> None:
         peak = int(gold.argmax())
         lines.append(f"| {beta} | {gold[peak]:.2f} | {kl[peak]:.2f} | {gold[-1]:.2f} | {kl[-1]:.2f} | "
                      f"{proxy[-1] - proxy[peak]:+.2f} |")
-    path.write_text("\n".join(lines) + "\n")
-    print(f"wrote {path}")
+    print("\n".join(lines))
+    if path is not None:
+        path.write_text("\n".join(lines) + "\n")
+        print(f"wrote {path}")
 
 
 def plot(runs: dict, path: Path) -> None:
@@ -202,8 +208,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at once")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ppo_rlhf_toy")
-    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "rlhf_overoptimisation.png")
-    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "rlhf_results.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "figures" / "rlhf_overoptimisation.png")
+    parser.add_argument("--table", type=Path, default=None, help="also write the table to this markdown file")
     parser.add_argument("--plot-only", action="store_true", help="no runs: redraw from --out")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="after --: passed to ppo_rlhf_toy.py")
     args = parser.parse_args()

@@ -5,7 +5,8 @@
 
 Seeds run in parallel, at most --jobs at a time (default: the number of cores). Everything after `--` goes
 to the script unchanged. Results land in benchmarks/results/<script>/<env>/:
-    seed<k>.jsonl   the run's per-iteration metrics (copied from runs/<run_name>/metrics.jsonl)
+    seed<k>.json.gz the run's per-iteration metrics: runs/<run_name>/metrics.jsonl stored column by column,
+                    floats to 8 significant digits (benchmarks/compact.py; plot.py, compare.py read it)
     summary.json    command, seeds, machine, package versions, date, per-seed final return, mean and std over seeds
 The final return of a seed is the mean episodic return of its last 100 episodes (Stable-Baselines3's
 `ep_rew_mean`); the summary gives mean +- std of that over seeds (std with ddof=0, as cleanrl reports).
@@ -25,6 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compact import read_metrics, write_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,9 +101,10 @@ def main() -> None:
         runs = sorted((work / f"seed{seed}" / "runs").glob("*/metrics.jsonl"))
         if not runs:
             raise SystemExit(f"error: seed {seed} wrote no metrics; see {work / f'seed{seed}' / 'stdout.log'}")
-        shutil.copy(runs[-1], out / f"seed{seed}.jsonl")
-        metrics = [json.loads(line) for line in runs[-1].read_text().splitlines()]
-        last = metrics[-1]
+        metrics = read_metrics(runs[-1])
+        write_metrics(out / f"seed{seed}.json.gz", metrics)
+        (out / f"seed{seed}.jsonl").unlink(missing_ok=True)  # an older run's plain copy would be read twice
+        last = metrics[-1]  # the exact values, before rounding
         per_seed[seed] = {
             "final_return_last100": last["episodic_return_100"],
             "global_step": last["global_step"],
