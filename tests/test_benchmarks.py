@@ -1,8 +1,10 @@
 """benchmarks/compact.py, the format every stored run is kept in: rows go in and come back as logged, floats to 8
-significant digits; the readers find a folder's seed files in either format."""
+significant digits; the readers find a folder's seed files in either format. And benchmarks/RESULTS.md names only
+figures and result folders that are committed."""
 
 import gzip
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -72,3 +74,14 @@ def test_a_run_folder_is_one_seed_and_convert_replaces_the_jsonl(tmp_path):
     out = compact.convert(tmp_path / "seed1.jsonl")
     assert out.name == "seed1.json.gz" and not (tmp_path / "seed1.jsonl").exists()
     assert json.dumps(compact.read_metrics(out)) == json.dumps(STAGES)
+
+
+def test_every_figure_link_and_result_folder_of_results_md_exists():
+    """benchmarks/RESULTS.md quotes committed runs and embeds committed figures: every one it names is there."""
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    text = (benchmarks / "RESULTS.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links and not [link for link in links if not (benchmarks / link.split("#")[0]).exists()]
+    paths = set(re.findall(r"benchmarks/(?:results|figures)/[\w.\-/]*[\w\-]", text))
+    assert paths and not [p for p in paths if not (benchmarks.parent / p).exists()]
+    assert not re.search(r"--out benchmarks/[\w.\-]+\.png", text), "figures are written to benchmarks/figures/"
