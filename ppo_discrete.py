@@ -32,6 +32,8 @@ import importlib.util
 import json
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -303,12 +305,11 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
     num_iterations = args.total_timesteps // batch_size
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
+    print(budget_line(args.total_timesteps, batch_size))
+    run_name, run_dir = make_run_dir(args.env_id, args.exp_name, args.seed)  # a new folder, never another run's
+    write_json(os.path.join(run_dir, "args.json"), asdict(args))
     logger = Logger(args, run_dir, run_name)
+    stop_signal = StopSignal()  # Ctrl-C or SIGTERM: finish the iteration, then save and close as at the end
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -425,6 +426,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 minibatch, column = bad[0].tolist()
                 logger.close()
                 envs.close()
+                stop_signal.restore()
                 raise SystemExit(
                     f"error: {names[column]} is {stats[minibatch, column].item()} at iteration {iteration}, "
                     f"minibatch {minibatch + 1} (step {global_step}); stopping, nothing saved"
@@ -449,12 +451,16 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
             "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
         })
+        if stop_signal.requested:
+            break
 
     envs.close()
     summary = {
         "global_step": global_step,
         "time": time.time() - start_time,
         "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
+        "iterations": iteration,
+        "stopped_by": stop_signal.signal_name,  # None: the run trained its whole budget
     }
     if args.save_model:
         path = os.path.join(run_dir, f"{SCRIPT}.pt")
@@ -463,12 +469,15 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
               f"over {args.eval_episodes} episodes")
         summary["eval_return_mean"] = float(eval_returns.mean())
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(run_dir, "summary.json"), summary)
     logger.close()
     final = summary["episodic_return_100"]
-    print(f"done: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
+    ended = f"stopped by {stop_signal.signal_name} after iteration {iteration}" if stop_signal.requested else "done"
+    print(f"{ended}: {global_step} steps in {summary['time']:.1f} s; mean return of the last 100 episodes "
           f"{'-' if final is None else f'{final:.2f}'}; metrics in {run_dir}/metrics.jsonl")
+    stop_signal.restore()
+    if stop_signal.requested:
+        raise SystemExit(stop_signal.exit_code)
     return summary
 
 
@@ -513,6 +522,73 @@ def pick_device(want_cuda: bool) -> torch.device:
     if want_cuda and not torch.cuda.is_available():
         print("--cuda: no CUDA device found, running on the CPU")
     return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+
+
+def make_run_dir(env_id: str, exp_name: str, seed: int) -> tuple[str, str]:
+    """(run_name, run_dir) of a new folder runs/<env_id>__<exp_name>__<seed>__<integer>, cleanrl's form. The
+    integer is the current Unix second, or the next free one: runs of a sweep started in the same second get
+    folders of their own. Creating the folder is what claims the name (os.makedirs refuses one that exists),
+    so no run ever writes into another's."""
+    stamp = int(time.time())
+    while True:
+        run_name = f"{env_id}__{exp_name}__{seed}__{stamp}"
+        run_dir = os.path.join("runs", run_name)
+        try:
+            os.makedirs(run_dir, exist_ok=False)
+            return run_name, run_dir
+        except FileExistsError:
+            stamp += 1
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write data to path as JSON, all or nothing: a run killed while writing leaves the old file or none,
+    never half of one."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(f"{path}.tmp", path)
+
+
+def budget_line(total_timesteps: int, batch_size: int) -> str:
+    """What the run will train: whole iterations of one batch each, so --total-timesteps is rounded down."""
+    iterations = total_timesteps // batch_size
+    line = f"budget: {iterations} iterations x {batch_size} steps = {iterations * batch_size} steps"
+    if total_timesteps % batch_size:
+        line += (f" (notice: --total-timesteps {total_timesteps} is not a multiple of the batch; the last "
+                 f"{total_timesteps % batch_size} steps are not trained)")
+    return line
+
+
+class StopSignal:
+    """A clean stop on Ctrl-C (SIGINT) or SIGTERM (what cluster schedulers send before they kill a job). The
+    first one only sets `requested`: the training loop finishes its iteration, then wraps up as at the end of a
+    run (metrics, summary, model, envs, wandb). A second one exits at once, without a traceback. The exit code
+    is 128 + the signal's number (130, 143), as a shell reports a process killed by it. Installed when made
+    (in the main thread only: Python handles signals nowhere else); restore() puts the previous handlers back."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None  # "SIGINT" or "SIGTERM" once one arrived
+        self.exit_code = 0
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(f"\n{name} again: stopping now; the metrics logged so far are kept", flush=True)
+            os._exit(128 + signum)
+        self.signal_name, self.exit_code = name, 128 + signum
+        print(f"\n{name}: stopping after this iteration (send it again to stop now)", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 class SameStepVectorEnv(gym.vector.VectorEnv):

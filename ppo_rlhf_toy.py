@@ -58,6 +58,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -939,6 +941,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             checkpoint = load_checkpoint(args.eval_checkpoint)
         except ValueError as err:
             raise SystemExit(f"error: {err}") from None
+        if "stopped_in_stage" in checkpoint:  # saved by a run stopped before it had all four models
+            raise SystemExit(f"error: {args.eval_checkpoint} is from a run stopped in stage "
+                             f"{checkpoint['stopped_in_stage']}; evaluating needs the models of a finished run")
         saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes, "seed": args.seed,
                         "temperature": args.temperature})
         models = {}
@@ -958,12 +963,13 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
-    run_name = f"rlhf-toy__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=1)
-    logger = Logger(args, run_dir, run_name)
+    print(f"budget: SFT {args.sft_steps} steps x {args.sft_batch_size} demonstrations, reward model "
+          f"{args.rm_epochs} epochs over {args.num_pairs} pairs, PPO {args.ppo_iterations} iterations x "
+          f"{args.rollout_batch_size} prompts, DPO {args.dpo_epochs} epochs over the same pairs")
+    run_name, run_dir = make_run_dir("rlhf-toy", args.exp_name, args.seed)  # a new folder, never another run's
+    write_json(os.path.join(run_dir, "args.json"), asdict(args))
+    stop_signal = StopSignal()  # Ctrl-C or SIGTERM: the stage ends after its next logged row (RunStopped)
+    logger = Logger(args, run_dir, run_name, stop_signal)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -972,6 +978,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     data_gen = torch.Generator().manual_seed(args.seed)  # prompts, demonstrations, preference labels
     start_time = time.time()
 
+    ref_policy = reward_model = ppo_policy = None  # what a stopped run has trained so far
     try:
         ref_policy, sft_loss = train_sft(args, data_gen, device, logger)
         ref_policy.requires_grad_(False)
@@ -988,7 +995,24 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                                   logger)
     except NonFiniteLoss as err:
         logger.close()
+        stop_signal.restore()
         raise SystemExit(f"error: {err}; stopping, nothing saved") from None
+    except RunStopped as stopped:
+        # Wrap up what exists: the metrics so far, a summary naming the stage, the models trained before it.
+        summary = {"stage": "summary", "time": time.time() - start_time, "stopped_by": stop_signal.signal_name,
+                   "stopped_in_stage": stopped.stage}
+        trained = {"ref_policy": ref_policy, "reward_model": reward_model, "ppo_policy": ppo_policy}
+        if args.save_model:
+            path = os.path.join(run_dir, f"{SCRIPT}.pt")
+            torch.save({"script": SCRIPT, "args": asdict(args), "stopped_in_stage": stopped.stage,
+                        **{name: model.state_dict() for name, model in trained.items() if model is not None}}, path)
+            print(f"saved {path} (the models trained before the stop)")
+        write_json(os.path.join(run_dir, "summary.json"), summary)
+        logger.close()
+        print(f"stopped by {stop_signal.signal_name} in stage {stopped.stage} after {summary['time']:.1f} s; "
+              f"metrics in {run_dir}/metrics.jsonl")
+        stop_signal.restore()
+        raise SystemExit(stop_signal.exit_code) from None
 
     results = evaluate_policies({"pi_ref (SFT)": ref_policy, "PPO": ppo_policy, "DPO": dpo_policy}, ref_policy,
                                 reward_model, args, device)
@@ -1017,12 +1041,14 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         print(f"saved {path}; reloaded PPO policy: gold {check['PPO (reloaded)']['gold_reward']:.3f} over "
               f"{args.eval_episodes} prompts")
         summary["eval_gold_reward_ppo_reloaded"] = check["PPO (reloaded)"]["gold_reward"]
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(run_dir, "summary.json"), summary)
     logger.close()
-    print(f"done in {summary['time']:.1f} s: gold reward pi_ref {summary['gold_reward_ref']:.3f} -> PPO "
-          f"{summary['gold_reward_ppo']:.3f}, DPO {summary['gold_reward_dpo']:.3f} (best possible "
+    print(f"done: 4 stages in {summary['time']:.1f} s; gold reward pi_ref {summary['gold_reward_ref']:.2f} -> PPO "
+          f"{summary['gold_reward_ppo']:.2f}, DPO {summary['gold_reward_dpo']:.2f} (best possible "
           f"{args.prompt_len}); metrics in {run_dir}/metrics.jsonl")
+    stop_signal.restore()
+    if stop_signal.requested:  # a signal during the final evaluation: everything is written, say so by the code
+        raise SystemExit(stop_signal.exit_code)
     return summary
 
 
@@ -1076,9 +1102,74 @@ def pick_device(want_cuda: bool) -> torch.device:
     return torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
 
 
+def make_run_dir(env_id: str, exp_name: str, seed: int) -> tuple[str, str]:
+    """(run_name, run_dir) of a new folder runs/<env_id>__<exp_name>__<seed>__<integer>, cleanrl's form. The
+    integer is the current Unix second, or the next free one: runs of a sweep started in the same second get
+    folders of their own. Creating the folder is what claims the name (os.makedirs refuses one that exists),
+    so no run ever writes into another's."""
+    stamp = int(time.time())
+    while True:
+        run_name = f"{env_id}__{exp_name}__{seed}__{stamp}"
+        run_dir = os.path.join("runs", run_name)
+        try:
+            os.makedirs(run_dir, exist_ok=False)
+            return run_name, run_dir
+        except FileExistsError:
+            stamp += 1
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write data to path as JSON, all or nothing: a run killed while writing leaves the old file or none,
+    never half of one."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(f"{path}.tmp", path)
+
+
+class StopSignal:
+    """A clean stop on Ctrl-C (SIGINT) or SIGTERM (what cluster schedulers send before they kill a job). The
+    first one only sets `requested`: the training loop finishes its iteration, then wraps up as at the end of a
+    run (metrics, summary, model, envs, wandb). A second one exits at once, without a traceback. The exit code
+    is 128 + the signal's number (130, 143), as a shell reports a process killed by it. Installed when made
+    (in the main thread only: Python handles signals nowhere else); restore() puts the previous handlers back."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None  # "SIGINT" or "SIGTERM" once one arrived
+        self.exit_code = 0
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            print(f"\n{name} again: stopping now; the metrics logged so far are kept", flush=True)
+            os._exit(128 + signum)
+        self.signal_name, self.exit_code = name, 128 + signum
+        print(f"\n{name}: stopping after this iteration (send it again to stop now)", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
 def make_model(args: Args, device: torch.device) -> TinyLM:
     return TinyLM(args.vocab_size, args.prompt_len + args.max_response_len, args.d_model, args.n_layers,
                   args.n_heads).to(device)
+
+
+class RunStopped(Exception):
+    """A Ctrl-C or SIGTERM ended the run in `stage` ("sft", "rm", "ppo" or "dpo"), after its last logged row."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
 
 
 class NonFiniteLoss(Exception):
@@ -1119,12 +1210,14 @@ def repeat_count(prompts: torch.Tensor, responses: torch.Tensor, mask: torch.Ten
 
 class Logger:
     """Every row: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with --track
-    (keys prefixed by the stage). A wandb error is printed once and turns wandb off; it never stops training."""
+    (keys prefixed by the stage). A wandb error is printed once and turns wandb off; it never stops training.
+    With a stop_signal that a Ctrl-C or SIGTERM has set, log() raises RunStopped after writing the row."""
 
-    def __init__(self, args: Args, run_dir: str, run_name: str):
+    def __init__(self, args: Args, run_dir: str, run_name: str, stop_signal: Optional["StopSignal"] = None):
         self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
         self.wandb_run = None
         self.rows, self.start_time = 0, time.time()
+        self.stop_signal = stop_signal
         if args.track:
             try:
                 import wandb
@@ -1150,6 +1243,8 @@ class Logger:
             except Exception as err:  # see __init__: training matters more than the dashboard
                 print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
                 self.wandb_run = None
+        if self.stop_signal is not None and self.stop_signal.requested and metrics["stage"] != "summary":
+            raise RunStopped(metrics["stage"])  # every stage logs once per iteration: it ends here, cleanly
 
     def close(self) -> None:
         self.metrics_file.close()

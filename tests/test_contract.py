@@ -20,7 +20,7 @@ SHARED_DEFINITIONS = [
     "compute_gae", "normalize_advantages", "ppo_clip_loss", "approx_kl", "value_loss", "explained_variance",
     "categorical_logprob_entropy", "sample_categorical", "gaussian_log_prob", "gaussian_entropy", "categorical_kl",
     "gaussian_kl", "layer_init", "RunningMeanStd", "RewardScaler", "compute_array", "SameStepVectorEnv",
-    "pick_device", "load_checkpoint",
+    "pick_device", "load_checkpoint", "make_run_dir", "write_json", "budget_line", "StopSignal",
 ]
 
 
