@@ -6,6 +6,7 @@ Run:
     python ppo_continuous.py --num-envs 2                        # two envs in two processes (both cores step physics)
     python ppo_continuous.py --eval-checkpoint runs/<run_name>/ppo_continuous.pt   # evaluate a saved agent
     python ppo_continuous.py --help                              # every flag, with its meaning
+    torchrun --standalone --nproc-per-node 2 ppo_continuous.py   # 2 processes: --num-envs, --num-steps per process
 
 What it implements, by section of the article "PPO and TRPO -- Trust Region Policy Optimization":
     "Parameter space lies"           a Gaussian policy N(mu(s), sigma), learnable log sigma -> Agent, gaussian_log_prob
@@ -21,6 +22,8 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
     "Common failure modes"           "normalise rewards (running stats)"               -> RunningMeanStd, RewardScaler
                                      "learnable log-std" for continuous control        -> Agent.actor_logstd
     "Hyperparameter cheat sheet"     linear LR annealing, grad-norm clip, c_ent = 0    -> Args, main
+    "TRPO vs PPO: head to head"      "trivially parallelisable": ranks under torchrun  -> setup_distributed,
+                                     each with its envs, gradients averaged over ranks     average_gradients
 
 The article's table also suggests tanh squashing; this script clips the sampled action to the bounds when
 stepping the env instead (cleanrl's and the PPO paper's choice), so that its numbers compare with cleanrl's.
@@ -44,6 +47,8 @@ Differences from cleanrl's ppo_continuous_action.py, each on purpose (the README
 from __future__ import annotations
 
 import collections
+import datetime
+import gc
 import importlib.util
 import json
 import math
@@ -59,6 +64,7 @@ from typing import Optional
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import tyro
 
@@ -96,18 +102,21 @@ class Args:
     """if set: no training; load this checkpoint, run --eval-episodes episodes and print mean/std return"""
     eval_episodes: int = 10
     """episodes run by the evaluation after --save-model and by --eval-checkpoint (mean actions, frozen normaliser)"""
+    dist_timeout_s: float = 300.0
+    """under torchrun: seconds a rank waits in a collective for the others before the run fails (a rank died)"""
 
     # Algorithm (defaults: cleanrl's ppo_continuous_action.py, so the numbers compare directly)
     env_id: str = "HalfCheetah-v4"
     """gymnasium id of an env with a bounded Box action space and a flat Box observation"""
     total_timesteps: int = 1_000_000
-    """environment steps in total, summed over the parallel envs"""
+    """environment steps in total, summed over the parallel envs (and over the ranks under torchrun)"""
     learning_rate: float = 3e-4
     """Adam step size (typical 1e-4 to 3e-4)"""
     num_envs: int = 1
-    """parallel environments; 1 steps in this process (SameStepVectorEnv), more run in subprocesses (AsyncVectorEnv)"""
+    """parallel environments (per rank under torchrun); 1 steps in this process (SameStepVectorEnv), more run in
+    subprocesses (AsyncVectorEnv)"""
     num_steps: int = 2048
-    """steps per env per rollout; batch size = num_envs * num_steps"""
+    """steps per env per rollout; batch size = num_envs * num_steps (per rank; x ranks under torchrun)"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over training"""
     gamma: float = 0.99
@@ -470,13 +479,20 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
+    # torchrun: one process per rank, each with its own envs; the batch and minibatch sizes below are per rank.
+    rank, world_size, device = setup_distributed(device, args.dist_timeout_s)  # plain python: (0, 1, device)
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
-    print(budget_line(args.total_timesteps, batch_size))
-    run_name, run_dir = make_run_dir(args.env_id, args.exp_name, args.seed)  # a new folder, never another run's
-    write_json(os.path.join(run_dir, "args.json"), asdict(args))
-    logger = Logger(args, run_dir, run_name)
+    num_iterations = args.total_timesteps // (batch_size * world_size)
+    if num_iterations == 0:  # the same on every rank: all stop here, before any collective
+        raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is smaller than one batch of all "
+                         f"{world_size} ranks ({batch_size * world_size} steps)")
+    run_name = run_dir = None  # only rank 0 writes: the run folder, metrics, wandb, videos, checkpoints
+    if rank == 0:
+        print(budget_line(args.total_timesteps, batch_size * world_size))
+        run_name, run_dir = make_run_dir(args.env_id, args.exp_name, args.seed)  # a new folder, never another run's
+        write_json(os.path.join(run_dir, "args.json"), asdict(args))
+    logger = Logger(args, run_dir, run_name)  # without a run_dir (ranks > 0) it writes and prints nothing
     stop_signal = StopSignal()  # Ctrl-C or SIGTERM: finish the iteration, then save and close as at the end
 
     random.seed(args.seed)
@@ -486,6 +502,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
 
     envs = make_envs(args, run_name)
     agent = Agent(obs_dim, action_dim).to(device)
+    if world_size > 1:  # the networks start the same on every rank (seed above); then each rank samples its own
+        torch.manual_seed(args.seed + rank)
     # fused=True: one kernel for the whole Adam step instead of several per parameter (the same arithmetic)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     action_low = torch.as_tensor(action_low_np, dtype=torch.float32, device=device)  # [A]
@@ -499,8 +517,6 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         own only so that --compile can compile it."""
         mean, new_values = agent(mb_obs)
         new_logprob = gaussian_log_prob(mean, agent.actor_logstd, mb_actions)
-        if args.norm_adv:
-            mb_advantages = normalize_advantages(mb_advantages)
         pg_loss, clipfrac = ppo_clip_loss(new_logprob, mb_logprobs, mb_advantages, args.clip_coef)
         v_loss = value_loss(new_values, mb_values, mb_returns, args.clip_coef if args.clip_vloss else None)
         entropy = gaussian_entropy(agent.actor_logstd)  # state-independent std: the same for all states
@@ -526,7 +542,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
     last_100 = collections.deque(maxlen=100)
 
-    raw_obs, _ = envs.reset(seed=args.seed)  # [N, obs_dim], numpy float64 as the envs return it
+    raw_obs, _ = envs.reset(seed=args.seed + rank * N)  # [N, obs_dim] float64; env i of rank r: seed + r N + i
+    obs_rms_agreed = obs_rms.state_dict()  # torchrun: the statistics every rank holds, merged after each rollout
     obs_rms.update(raw_obs)
     next_obs = obs_rms.normalize(raw_obs)
     global_step, start_time = 0, time.time()
@@ -567,7 +584,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                         final_obs[step, mask] = obs_rms.normalize(ended_final[time_limit[ended]])  # the time-limit ones
                     ended_return[step, ended] = info["episode"]["r"][ended]
                     ended_length[step, ended] = info["episode"]["l"][ended]
-        global_step += T * N
+        global_step += T * N * world_size  # every rank's steps
+        # During the rollout each rank normalised with its own statistics; now they all hold every rank's.
+        obs_rms_agreed = merge_statistics_over_ranks(obs_rms, obs_rms_agreed, world_size)
 
         # ---- pi_old's log-probs and the values of the whole batch, one forward pass ----
         # Exact, not an approximation: the parameters did not change during the rollout, and obs holds the
@@ -577,7 +596,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             mean, b_values = agent(b_obs)
             b_logprobs = gaussian_log_prob(mean, agent.actor_logstd, b_actions)
             values = b_values.reshape(T, N)
+            return_rms_before = reward_scaler.return_rms.state_dict()
             rewards = reward_scaler(raw_rewards, dones).float()  # [T, N], divided by the running std of the return
+            merge_statistics_over_ranks(reward_scaler.return_rms, return_rms_before, world_size)  # torchrun
             # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
             # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal. Both terms must
             # be on the critic's scale: the critic is trained on returns built from SCALED rewards (divided by
@@ -595,15 +616,19 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             b_inds = torch.randperm(batch_size, device=device)
             for start in range(0, batch_size, minibatch_size):
                 mb_inds = b_inds[start : start + minibatch_size]
+                mb_advantages = b_advantages[mb_inds]
+                if args.norm_adv:  # over the global minibatch: every rank's part of it
+                    mb_advantages = normalize_advantages_over_ranks(mb_advantages, world_size)
                 loss, mb_stats, kl_now = loss_fn(
-                    b_obs[mb_inds], b_actions[mb_inds], b_logprobs[mb_inds], b_advantages[mb_inds],
-                    b_values[mb_inds], b_returns[mb_inds],
+                    b_obs[mb_inds], b_actions[mb_inds], b_logprobs[mb_inds], mb_advantages, b_values[mb_inds],
+                    b_returns[mb_inds],
                 )
-                if kl_now is not None and kl_now.item() > args.target_kl:
+                if kl_now is not None and mean_over_ranks(kl_now, world_size).item() > args.target_kl:
                     stop = True  # the policy as it is now is already past the target on this minibatch: no step
                     break
                 optimizer.zero_grad()
                 loss.backward()
+                average_gradients(agent.parameters(), world_size)  # torchrun: the global minibatch's gradient
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 stats.append(mb_stats)
@@ -614,11 +639,12 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         with torch.no_grad():
             mean = agent.actor_mean(b_obs)
             kl_k1, kl_k3 = approx_kl(gaussian_log_prob(mean, agent.actor_logstd, b_actions), b_logprobs)
-            ev = explained_variance(b_values, b_returns)
+            kl_k1, kl_k3 = mean_over_ranks(torch.stack([kl_k1, kl_k3]), world_size)  # over the global batch
+            ev = explained_variance(gather_over_ranks(b_values, world_size), gather_over_ranks(b_returns, world_size))
             action_std_now = agent.actor_logstd.exp().mean()
         names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss")
         if stats:  # [minibatches done, 5]; empty only when --target-kl stopped before the first step
-            stats = torch.stack(stats)
+            stats = mean_over_ranks(torch.stack(stats), world_size)  # a NaN on any rank reaches every rank
             bad = (~torch.isfinite(stats)).nonzero()
             if len(bad):
                 minibatch, column = bad[0].tolist()
@@ -630,7 +656,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                     f"minibatch {minibatch + 1} (step {global_step}); stopping, nothing saved"
                 )
         means = stats.mean(0).tolist() if len(stats) else [None] * len(names)
-        ended = ended_return[~np.isnan(ended_return)]
+        ended, ended_lengths = gather_episodes(ended_return, ended_length, device, world_size)  # every rank's
         last_100.extend(ended.tolist())
         elapsed = time.time() - start_time
         logger.log({
@@ -648,13 +674,17 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             "update_minibatches": len(stats),
             "episodes": len(ended),
             "episodic_return": float(ended.mean()) if len(ended) else None,
-            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
+            "episodic_length": float(ended_lengths.mean()) if len(ended) else None,
             "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
         })
-        if stop_signal.requested:
+        if any_rank(stop_signal.requested, device, world_size):  # torchrun: all ranks stop after the same iteration
             break
 
     envs.close()
+    teardown_distributed(world_size)
+    if rank > 0:  # rank 0 writes the summary and the model, and says where they are
+        stop_signal.restore()
+        return None
     summary = {
         "global_step": global_step,
         "time": time.time() - start_time,
@@ -803,6 +833,135 @@ class StopSignal:
         self.previous = {}
 
 
+def setup_distributed(device: torch.device, timeout_s: float) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) of this process. Started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK
+    and LOCAL_WORLD_SIZE) it joins the process group: nccl when every rank of the machine has a GPU of its own,
+    gloo otherwise (CPU ranks, or ranks sharing one GPU); each rank on a GPU takes GPU LOCAL_RANK (modulo the
+    count). A collective that waits more than timeout_s for the other ranks (one of them died) raises instead
+    of waiting forever, and the run ends with that error. Started by plain python: (0, 1, device), no group."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, local_world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    backend = "gloo"
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        if torch.cuda.device_count() >= local_world_size:
+            backend = "nccl"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return rank, world_size, device
+
+
+def teardown_distributed(world_size: int) -> None:
+    """Leave the process group once every rank is done with it (torchrun; nothing with one process). The
+    gc.collect() frees, while the interpreter is still whole, objects that gloo's threads may still reference:
+    left to the interpreter's exit, they now and then abort the process ("terminate called without an active
+    exception", SIGABRT; measured here in 4 of 14 two-rank runs on a loaded machine, none with it)."""
+    if world_size == 1:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+def mean_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The mean of x over the ranks (every rank gets the same result); x itself with one process. With equal
+    batch sizes on every rank, the mean of per-rank means is the mean over the global batch."""
+    if world_size == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return total / world_size
+
+
+def gather_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's x concatenated along dim 0, in rank order (the same on every rank); x with one process."""
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def normalize_advantages_over_ranks(advantages: torch.Tensor, world_size: int) -> torch.Tensor:
+    """normalize_advantages over the global minibatch, whose parts the ranks hold: its mean and (unbiased) std
+    from two all-reduces, so K ranks with minibatches of M normalise exactly as one process with K * M."""
+    if world_size == 1:
+        return normalize_advantages(advantages)
+    mean = mean_over_ranks(advantages.mean(), world_size)
+    squares = ((advantages - mean) ** 2).sum()
+    dist.all_reduce(squares)
+    std = (squares / (advantages.numel() * world_size - 1)).sqrt()
+    return (advantages - mean) / (std + 1e-8)
+
+
+def average_gradients(parameters, world_size: int) -> None:
+    """Replace each gradient by its mean over the ranks: the gradient of the global minibatch's loss (each rank's
+    loss is a mean over its equal part). One all-reduce of all gradients flattened into one buffer, as cleanrl's
+    multi-GPU PPO does, rather than DistributedDataParallel: the networks stay plain modules called as before
+    (DDP wraps them and renames their state_dict keys) and --compile compiles the same loss."""
+    if world_size == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(averaged.view_as(g))
+
+
+def any_rank(flag: bool, device: torch.device, world_size: int) -> bool:
+    """True on every rank when flag is True on any: the ranks decide together (to stop after a signal)."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)  # on the device: nccl moves only GPU tensors
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_episodes(ended_return: np.ndarray, ended_length: np.ndarray, device: torch.device,
+                    world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns and lengths of the episodes that ended this iteration on any rank (rank order, the same on every
+    rank). ended_return: [T, N], NaN where no episode ended; ended_length: [T, N]. Gathered as tensors of the
+    same shape on every rank (all_gather_object left gloo ranks aborting at exit now and then)."""
+    if world_size > 1:
+        ended_return = gather_over_ranks(torch.as_tensor(ended_return, device=device), world_size).cpu().numpy()
+        ended_length = gather_over_ranks(torch.as_tensor(ended_length, device=device), world_size).cpu().numpy()
+    finished = ~np.isnan(ended_return)
+    return ended_return[finished], ended_length[finished]
+
+
+def merge_statistics_over_ranks(rms: RunningMeanStd, before: dict, world_size: int) -> dict:
+    """Make rms, on every rank, the statistics of all ranks' data, and return them as a state_dict (the next
+    `before`). `before` is rms.state_dict() from when the ranks last agreed. Each rank recovers the count, mean
+    and var of what it merged in since (Chan's merge solved for the new part; exact up to float64 rounding), the
+    ranks gather those, and every rank merges them into `before` in rank order: the same statistics everywhere,
+    those of all the data. With one process: rms as it is."""
+    if world_size == 1:
+        return before
+    n0, n1 = float(before["count"]), rms.count
+    mean0, var0 = before["mean"].to(rms.mean.device), before["var"].to(rms.var.device)
+    n = n1 - n0
+    mean_new, var_new = torch.zeros_like(mean0), torch.zeros_like(var0)
+    if n > 0:
+        mean_new = (n1 * rms.mean - n0 * mean0) / n
+        var_new = (n1 * rms.var - n0 * var0 - (n0 * n / n1) * (mean_new - mean0) ** 2) / n
+    part = torch.cat([torch.tensor([n], dtype=torch.float64, device=mean0.device), mean_new.reshape(-1),
+                      var_new.reshape(-1)])
+    count, mean, var, d = n0, mean0, var0, mean0.numel()
+    for row in gather_over_ranks(part[None], world_size):  # [world_size, 1 + 2d]
+        n_b = row[0].item()
+        if n_b == 0:
+            continue
+        mean_b, var_b = row[1 : 1 + d].view_as(mean), row[1 + d :].view_as(var)
+        count, w, delta = count + n_b, n_b / (count + n_b), mean_b - mean
+        mean = mean + w * delta
+        var = (1.0 - w) * var + w * var_b + (w * (1.0 - w)) * delta**2
+    rms.load_state_dict({"mean": mean, "var": var, "count": torch.tensor(count, dtype=torch.float64)})
+    return rms.state_dict()
+
+
 def ignore_stop_signals(thunk):
     """An env factory for AsyncVectorEnv's worker processes that makes them ignore SIGINT and SIGTERM, which a
     terminal's Ctrl-C sends to every process of the job: the main process stops the run and closes them. In the
@@ -907,7 +1066,7 @@ def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
 
     def make_one(index: int):
         def thunk():
-            if args.capture_video and index == 0:
+            if args.capture_video and index == 0 and run_name is not None:  # env 0 of rank 0
                 env = gym.make(args.env_id, render_mode="rgb_array")
                 return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
             return gym.make(args.env_id)
@@ -955,10 +1114,10 @@ class Logger:
     """Every iteration: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with
     --track. A wandb error is printed once and turns wandb off; it never stops training."""
 
-    def __init__(self, args: Args, run_dir: str, run_name: str):
-        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
+    def __init__(self, args: Args, run_dir: Optional[str], run_name: Optional[str]):
+        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1) if run_dir else None
         self.wandb_run = None
-        if args.track:
+        if args.track and run_dir:
             try:
                 import wandb
 
@@ -970,6 +1129,8 @@ class Logger:
                 print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
 
     def log(self, metrics: dict) -> None:
+        if self.metrics_file is None:  # a rank other than 0 under torchrun
+            return
         clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
         self.metrics_file.write(json.dumps(clean) + "\n")
         def show(key, spec):
@@ -989,7 +1150,8 @@ class Logger:
                 self.wandb_run = None
 
     def close(self) -> None:
-        self.metrics_file.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
         if self.wandb_run is not None:
             try:
                 self.wandb_run.finish()

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py ppo_discrete.py CartPole-v1 --seeds 1 2 3
     python benchmarks/run.py ppo_continuous.py HalfCheetah-v4 --seeds 1 2 3 --jobs 2 -- --num-envs 1
+    python benchmarks/run.py ppo_continuous.py Hopper-v4 --seeds 1 2 3 --jobs 1 --nproc-per-node 2   # torchrun
 
 Seeds run in parallel, at most --jobs at a time (default: the number of cores). Everything after `--` goes
 to the script unchanged. Results land in benchmarks/results/<script>/<env>/:
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="seeds run at once")
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/<script>/<env>")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="K > 1: each seed runs as `torchrun --standalone --nproc-per-node K <script>` (K ranks)")
     parser.add_argument(
         "--collect", action="store_true",
         help="run nothing: summarise the seeds already in <out>/work/seed<k>/ (runs started by hand, or resumed)",
@@ -76,7 +79,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     commands = {seed: [str(script), "--env-id", args.env_id, "--seed", str(seed), *extra] for seed in args.seeds}
-    shown = {seed: " ".join(["python", args.script, *cmd[1:]]) for seed, cmd in commands.items()}  # as a user types it
+    launcher = [sys.executable]
+    if args.nproc_per_node > 1:  # the torchrun that belongs to this python's torch
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc_per_node)]
+    typed = "python" if args.nproc_per_node == 1 else f"torchrun --standalone --nproc-per-node {args.nproc_per_node}"
+    shown = {seed: " ".join([typed, args.script, *cmd[1:]]) for seed, cmd in commands.items()}  # as a user types it
     procs, started = {}, {}
     pending = [] if args.collect else list(args.seeds)
     start = time.time()
@@ -86,7 +93,7 @@ def main() -> None:
             cwd = work / f"seed{seed}"
             cwd.mkdir(parents=True)
             log = open(cwd / "stdout.log", "w")
-            procs[seed] = subprocess.Popen([sys.executable, *commands[seed]], cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+            procs[seed] = subprocess.Popen([*launcher, *commands[seed]], cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
             started[seed] = time.time()
             print(f"seed {seed}: started ({shown[seed]})", flush=True)
         for seed, proc in list(procs.items()):
@@ -118,6 +125,7 @@ def main() -> None:
         "command": shown[args.seeds[0]].replace(f"--seed {args.seeds[0]}", "--seed <seed>"),
         "seeds": args.seeds,
         "parallel_jobs": args.jobs,
+        "processes_per_seed": args.nproc_per_node,
         "machine": machine(),
         "packages": package_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -110,20 +110,31 @@ def test_runs_started_together_end_in_their_own_correctly_labelled_folders(name,
 
 def start(name: str, flags: list, cwd: Path) -> subprocess.Popen:
     """The script in a session of its own, so that a signal can go to its whole process group (as a terminal's
-    Ctrl-C does: env worker subprocesses included)."""
-    return subprocess.Popen([sys.executable, str(ROOT / f"{name}.py"), *flags], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    Ctrl-C does: env worker subprocesses included). Its stdout goes to cwd/stdout.txt, readable while it runs."""
+    return subprocess.Popen([sys.executable, str(ROOT / f"{name}.py"), *flags], cwd=cwd,
+                            stdout=open(cwd / "stdout.txt", "w"), stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
-def finish(proc: subprocess.Popen) -> tuple[str, str]:
-    """(stdout, stderr) of the process once it ended; past the deadline, its whole group is killed and the test
-    fails instead of hanging."""
+def finish(proc: subprocess.Popen, cwd: Path) -> tuple[str, str]:
+    """(stdout, stderr) of a process from start() once it ended; past the deadline, its whole group is killed
+    and the test fails instead of hanging."""
     try:
-        return proc.communicate(timeout=DEADLINE)
+        _, err = proc.communicate(timeout=DEADLINE)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"still running after {DEADLINE} s: {out[-1000:]} {err[-1000:]}") from None
+        _, err = proc.communicate()
+        raise AssertionError(f"still running after {DEADLINE} s: {err[-1000:]}") from None
+    return (cwd / "stdout.txt").read_text(), err
+
+
+def wait_for(path: Path, text: str, proc: subprocess.Popen) -> None:
+    deadline = time.time() + DEADLINE
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in {path.name} before the process ended or the deadline")
 
 
 def wait_for_first_row(proc: subprocess.Popen, cwd: Path, stage: str = "") -> Path:
@@ -159,7 +170,7 @@ def test_a_signal_stops_the_run_cleanly(name, sig, flags, tmp_path):
     proc = start(name, flags, tmp_path)
     run_dir = wait_for_first_row(proc, tmp_path)
     os.killpg(proc.pid, sig)
-    out, err = finish(proc)
+    out, err = finish(proc, tmp_path)
     assert proc.returncode == 128 + sig, (out[-1000:], err[-2000:])
     assert "Traceback" not in err, err[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -175,7 +186,7 @@ def test_the_rlhf_run_stops_in_its_stage(tmp_path):
     proc = start("ppo_rlhf_toy", SHORT["ppo_rlhf_toy"] + ["--save-model", "--ppo-iterations", "100000"], tmp_path)
     run_dir = wait_for_first_row(proc, tmp_path, stage="ppo")
     os.killpg(proc.pid, signal.SIGINT)
-    out, err = finish(proc)
+    out, err = finish(proc, tmp_path)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_by"] == "SIGINT" and summary["stopped_in_stage"] == "ppo"
@@ -189,9 +200,9 @@ def test_a_second_signal_stops_at_once(tmp_path):
     proc = start("ppo_discrete", flags, tmp_path)
     run_dir = wait_for_first_row(proc, tmp_path)
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.2)
+    wait_for(tmp_path / "stdout.txt", "SIGINT: stopping after this iteration", proc)  # the first one was handled
     os.killpg(proc.pid, signal.SIGINT)
-    out, err = finish(proc)
+    out, err = finish(proc, tmp_path)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "SIGINT again: stopping now" in out
     assert not (run_dir / "summary.json").exists()
