@@ -1306,10 +1306,10 @@ def evaluate_policies(policies: dict, ref_policy: TinyLM, reward_model: TinyLM, 
     demo_mask = response_mask(demos)
     results = {"demonstrator": {"gold_reward": gold_reward(prompts, demos, demo_mask).mean().item(),
                                 "response_length": demo_mask.sum(dim=1).mean().item(),
-                                "samples": [show_sample(prompts[i], demos[i]) for i in range(3)]}}
+                                "samples": [show_sample(prompts[i], demos[i]) for i in range(min(3, len(prompts)))]}}
     for name, policy in policies.items():
         batch = rollout(policy, ref_policy, reward_model, prompts.to(device), args)
-        samples = [show_sample(prompts[i], batch["responses"][i]) for i in range(3)]
+        samples = [show_sample(prompts[i], batch["responses"][i]) for i in range(min(3, len(prompts)))]
         results[name] = {**summarise(batch), "samples": samples}
     return results
 

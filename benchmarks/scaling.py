@@ -71,6 +71,7 @@ def communication(rank: int, world_size: int, port: int, script: str, out: str) 
     """Median microseconds of one minibatch step's collectives on two gloo ranks."""
     import importlib
 
+    sys.path.insert(0, str(ROOT))  # a spawned process starts with this file's folder only
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -104,13 +105,6 @@ def main() -> None:
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     extra = argv[split + 1 :]
-    configs = configurations(args.script)
-    sps = {json.dumps(c): [] for c in configs}
-    for repeat in range(args.repeats):
-        for config in configs:
-            sps[json.dumps(config)].append(run_one(args.script, config, args.iterations, extra))
-            print(f"repeat {repeat + 1}: {config} {sps[json.dumps(config)][-1]:.0f} SPS", flush=True)
-
     import socket
 
     import torch.multiprocessing as mp
@@ -122,6 +116,13 @@ def main() -> None:
         out_file = os.path.join(tmp, "comm.json")
         mp.start_processes(communication, args=(2, port, args.script, out_file), nprocs=2, start_method="spawn")
         comm = json.loads(Path(out_file).read_text())
+
+    configs = configurations(args.script)
+    sps = {json.dumps(c): [] for c in configs}
+    for repeat in range(args.repeats):
+        for config in configs:
+            sps[json.dumps(config)].append(run_one(args.script, config, args.iterations, extra))
+            print(f"repeat {repeat + 1}: {config} {sps[json.dumps(config)][-1]:.0f} SPS", flush=True)
 
     result = {
         "script": args.script,

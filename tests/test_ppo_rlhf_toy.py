@@ -418,3 +418,11 @@ def test_nan_in_reward_model_stops_with_epoch_and_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(rlhf, "bradley_terry_loss", inf_bt_loss)
     with pytest.raises(SystemExit, match=r"rm_loss is (nan|inf|-inf) at reward-model epoch 1, batch 1; stopping"):
         rlhf.main(TINY)
+
+
+def test_one_evaluation_prompt_is_enough(tmp_path, monkeypatch):
+    """--eval-episodes 1 (check_args allows it): the final table shows the one sample there is."""
+    monkeypatch.chdir(tmp_path)
+    flags = TINY[: TINY.index("--eval-episodes")] + ["--eval-episodes", "1"]
+    summary = rlhf.main(flags)
+    assert "gold_reward_ppo" in summary
