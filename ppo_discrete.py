@@ -487,7 +487,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     }
     if args.save_model:
         path = os.path.join(run_dir, f"{SCRIPT}.pt")
-        torch.save({"script": SCRIPT, "model": agent.state_dict(), "args": asdict(args)}, path)
+        torch.save({"script": SCRIPT, "model": cpu_weights(agent), "args": asdict(args)}, path)
         eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
         print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
               f"over {args.eval_episodes} episodes")
@@ -857,6 +857,12 @@ class Logger:
                 self.wandb_run.finish()
             except Exception as err:
                 print(f"wandb finish failed: {type(err).__name__}: {err}")
+
+
+def cpu_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """module.state_dict() with every tensor on the CPU (the same tensors when they are there already), so that a
+    checkpoint saved from a GPU run loads with torch.load(path, weights_only=True) on a machine without one."""
+    return {name: tensor.cpu() for name, tensor in module.state_dict().items()}
 
 
 def load_checkpoint(path: str) -> dict:

@@ -774,7 +774,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         path = os.path.join(run_dir, f"{SCRIPT}.pt")
         torch.save({
             "script": SCRIPT,
-            "model": agent.state_dict(),
+            "model": cpu_weights(agent),
             "args": asdict(args),
             "beta": beta,
             "obs_rms": obs_rms.state_dict() if obs_rms is not None else None,
@@ -1072,6 +1072,12 @@ class Logger:
                 self.wandb_run.finish()
             except Exception as err:
                 print(f"wandb finish failed: {type(err).__name__}: {err}")
+
+
+def cpu_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """module.state_dict() with every tensor on the CPU (the same tensors when they are there already), so that a
+    checkpoint saved from a GPU run loads with torch.load(path, weights_only=True) on a machine without one."""
+    return {name: tensor.cpu() for name, tensor in module.state_dict().items()}
 
 
 def load_checkpoint(path: str) -> dict:

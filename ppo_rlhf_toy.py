@@ -1005,7 +1005,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         if args.save_model:
             path = os.path.join(run_dir, f"{SCRIPT}.pt")
             torch.save({"script": SCRIPT, "args": asdict(args), "stopped_in_stage": stopped.stage,
-                        **{name: model.state_dict() for name, model in trained.items() if model is not None}}, path)
+                        **{name: cpu_weights(model) for name, model in trained.items() if model is not None}}, path)
             print(f"saved {path} (the models trained before the stop)")
         write_json(os.path.join(run_dir, "summary.json"), summary)
         logger.close()
@@ -1031,9 +1031,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     logger.log(summary)
     if args.save_model:
         path = os.path.join(run_dir, f"{SCRIPT}.pt")
-        torch.save({"script": SCRIPT, "args": asdict(args), "ref_policy": ref_policy.state_dict(),
-                    "reward_model": reward_model.state_dict(), "ppo_policy": ppo_policy.state_dict(),
-                    "dpo_policy": dpo_policy.state_dict()}, path)
+        torch.save({"script": SCRIPT, "args": asdict(args), "ref_policy": cpu_weights(ref_policy),
+                    "reward_model": cpu_weights(reward_model), "ppo_policy": cpu_weights(ppo_policy),
+                    "dpo_policy": cpu_weights(dpo_policy)}, path)
         checkpoint = load_checkpoint(path)
         reloaded = make_model(args, device)
         reloaded.load_state_dict(checkpoint["ppo_policy"])
@@ -1279,6 +1279,12 @@ def format_line(metrics: dict) -> str:
     return (f"summary | gold: demonstrator {show('gold_reward_demonstrator', '.3f')}, pi_ref "
             f"{show('gold_reward_ref', '.3f')}, PPO {show('gold_reward_ppo', '.3f')}, "
             f"DPO {show('gold_reward_dpo', '.3f')}")
+
+
+def cpu_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """module.state_dict() with every tensor on the CPU (the same tensors when they are there already), so that a
+    checkpoint saved from a GPU run loads with torch.load(path, weights_only=True) on a machine without one."""
+    return {name: tensor.cpu() for name, tensor in module.state_dict().items()}
 
 
 def load_checkpoint(path: str) -> dict:

@@ -976,8 +976,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         path = os.path.join(run_dir, f"{SCRIPT}.pt")
         torch.save({
             "script": SCRIPT,
-            "policy": policy.state_dict(),
-            "critic": critic.state_dict(),
+            "policy": cpu_weights(policy),
+            "critic": cpu_weights(critic),
             "obs_rms": obs_rms.state_dict() if obs_rms is not None else None,
             "return_rms": reward_scaler.return_rms.state_dict() if reward_scaler is not None else None,
             "args": asdict(args),
@@ -1276,6 +1276,12 @@ class Logger:
                 self.wandb_run.finish()
             except Exception as err:
                 print(f"wandb finish failed: {type(err).__name__}: {err}")
+
+
+def cpu_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """module.state_dict() with every tensor on the CPU (the same tensors when they are there already), so that a
+    checkpoint saved from a GPU run loads with torch.load(path, weights_only=True) on a machine without one."""
+    return {name: tensor.cpu() for name, tensor in module.state_dict().items()}
 
 
 def load_checkpoint(path: str) -> dict:

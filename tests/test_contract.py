@@ -22,7 +22,7 @@ SHARED_DEFINITIONS = [
     "gaussian_kl", "layer_init", "RunningMeanStd", "RewardScaler", "compute_array", "SameStepVectorEnv",
     "pick_device", "load_checkpoint", "make_run_dir", "write_json", "budget_line", "StopSignal",
     "setup_distributed", "mean_over_ranks", "gather_over_ranks", "normalize_advantages_over_ranks", "average_gradients",
-    "any_rank", "gather_episodes", "teardown_distributed",
+    "any_rank", "gather_episodes", "teardown_distributed", "cpu_weights",
 ]
 
 
@@ -636,3 +636,12 @@ def test_same_step_vector_env_returns_what_gymnasium_sync_vector_env_returns(Sam
         assert truncations > 0 and (terminations > 0 or env_id in ("Acrobot-v1", "Pendulum-v1")), env_id
         ours.close()
         theirs.close()
+
+
+@pytest.mark.parametrize("cpu_weights", scripts_defining("cpu_weights"))
+def test_cpu_weights_are_the_state_dict_on_the_cpu(cpu_weights):
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    weights = cpu_weights(module)
+    assert weights.keys() == module.state_dict().keys()
+    for name, tensor in module.state_dict().items():
+        assert weights[name].device.type == "cpu" and torch.equal(weights[name], tensor)
