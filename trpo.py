@@ -4,6 +4,7 @@ Run:
     python trpo.py                                              # CartPole-v1, 500k steps, categorical policy
     python trpo.py --env-id Hopper-v4 --total-timesteps 1000000 # any bounded Box action space: Gaussian policy
     python trpo.py --eval-checkpoint runs/<run_name>/trpo.pt    # evaluate a saved agent
+    torchrun --standalone --nproc-per-node 2 trpo.py --env-id Hopper-v4   # 2 processes, each with its own envs
     python trpo.py --help                                       # every flag, with its meaning
 
 The policy head is chosen from the env: softmax over logits for a Discrete action space, a diagonal Gaussian with
@@ -40,6 +41,8 @@ Differences from Spinning Up's trpo and sb3-contrib's TRPO, each on purpose (the
 from __future__ import annotations
 
 import collections
+import datetime
+import gc
 import importlib.util
 import json
 import math
@@ -54,6 +57,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import tyro
 
@@ -88,17 +92,21 @@ class Args:
     """if set: no training; load this checkpoint, run --eval-episodes episodes and print mean/std return"""
     eval_episodes: int = 10
     """episodes run by the evaluation after --save-model and by --eval-checkpoint (greedy: argmax / Gaussian mean)"""
+    dist_timeout_s: float = 300.0
+    """under torchrun: seconds a rank waits in a collective for the others before the run fails (a rank died)"""
 
     # Environment and rollout
     env_id: str = "CartPole-v1"
     """gymnasium id of an env with a flat Box observation and a Discrete or bounded 1-D Box action space"""
     total_timesteps: int = 500_000
-    """environment steps in total, summed over the parallel envs (500k: the CartPole benchmark; MuJoCo: 1000000)"""
+    """environment steps in total, summed over the parallel envs and the ranks under torchrun (500k: the CartPole
+    benchmark; MuJoCo: 1000000)"""
     num_envs: int = 2
-    """environments, stepped one after another (SameStepVectorEnv); rl-baselines3-zoo's TRPO settings use n_envs 2"""
+    """environments (per rank under torchrun), stepped one after another (SameStepVectorEnv); rl-baselines3-zoo's
+    TRPO settings use n_envs 2"""
     num_steps: int = 1024
     """steps per env per rollout; batch = num_envs * num_steps = 2048, sb3-contrib TRPO's n_steps 2048
-    (rl-baselines3-zoo MuJoCo: 2 envs x 1024); Spinning Up uses 4000"""
+    (rl-baselines3-zoo MuJoCo: 2 envs x 1024); Spinning Up uses 4000. Per rank under torchrun: x ranks"""
     gamma: float = 0.99
     """discount factor (sb3-contrib and Spinning Up: 0.99)"""
     gae_lambda: float = 0.95
@@ -136,7 +144,8 @@ class Args:
     """epochs of minibatch Adam on the critic per iteration (sb3-contrib n_critic_updates 10;
     rl-baselines3-zoo MuJoCo 20; Spinning Up: 80 full-batch steps)"""
     num_minibatches: int = 16
-    """critic minibatches per epoch; must divide the batch (16 x 128 = 2048: sb3-contrib batch_size 128)"""
+    """critic minibatches per epoch; must divide the batch (16 x 128 = 2048: sb3-contrib batch_size 128); under
+    torchrun each rank splits its own batch, and a minibatch step averages the ranks' gradients"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -704,6 +713,7 @@ def trpo_update(
     backtrack_coef: float,
     backtrack_iters: int,
     residual_tol: float = 1e-10,
+    world_size: int = 1,
 ) -> dict:
     """One TRPO step on a batch: maximise L = mean(r A) s.t. mean KL(pi_old || pi_theta) <= max_kl.
 
@@ -718,6 +728,12 @@ def trpo_update(
         line_search: accept theta_old + coef^j step for the first j with KL <= delta and L improved, else keep.
     Leaves the accepted parameters in `policy`. Raises FloatingPointError naming the first non-finite quantity
     among L, |g| and x^T F x. Returns the diagnostics as python numbers (what main logs).
+
+    Under torchrun (world_size > 1, a process group set up) each rank passes its own part of the batch, the same
+    size on every rank. g, every F v and the line search's L and KL are then means over the ranks
+    (mean_over_ranks, one all-reduce each): those of the whole batch, the same numbers on every rank, so every
+    rank solves the same system, takes the same step and accepts or rejects it alike. That is the article's
+    "CG needs sync": one all-reduce per conjugate-gradient iteration (benchmarks/SCALING.md measures it).
     """
     params = [p for p in policy.parameters()]
     dist = policy(obs)
@@ -726,12 +742,13 @@ def trpo_update(
     old_dist = tuple(t.detach().clone() for t in dist)
     logprob, entropy = policy.log_prob_entropy(dist, actions)
     surrogate_old = surrogate(logprob, old_logprob, advantages)  # L(theta_old) = mean(A)
-    g = flat_grad(surrogate_old, params, retain_graph=True)
+    g = mean_over_ranks(flat_grad(surrogate_old, params, retain_graph=True), world_size)  # torchrun: whole batch's
+    surrogate_old = mean_over_ranks(surrogate_old.detach(), world_size)
     mean_kl = policy.kl(old_dist, dist).mean()  # 0 at theta_old, but its Hessian there is F
     kl_grad = flat_grad(mean_kl, params, create_graph=True)  # first of the "two autograd passes", shared
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        return fisher_vector_product(kl_grad, params, v, cg_damping)
+        return mean_over_ranks(fisher_vector_product(kl_grad, params, v, cg_damping), world_size)  # torchrun: sync
 
     x, residual = conjugate_gradient(fvp, g, cg_iters, residual_tol)  # natural-gradient direction F^-1 g
     xFx = x @ fvp(x)
@@ -750,17 +767,20 @@ def trpo_update(
         with torch.no_grad():
             new_dist = policy(obs)
             new_logprob, _ = policy.log_prob_entropy(new_dist, actions)
-            return surrogate(new_logprob, old_logprob, advantages), policy.kl(old_dist, new_dist).mean()
+            both = torch.stack([surrogate(new_logprob, old_logprob, advantages), policy.kl(old_dist, new_dist).mean()])
+            surrogate_new, kl = mean_over_ranks(both, world_size)  # torchrun: every rank accepts or rejects alike
+            return surrogate_new, kl
 
     result = line_search(evaluate, old_params, full_step, surrogate_old.item(), max_kl, backtrack_coef,
                          backtrack_iters)
     set_flat_params(policy, result.params)
     with torch.no_grad():
         new_logprob, _ = policy.log_prob_entropy(policy(obs), actions)
-        kl_k1, kl_k3 = approx_kl(new_logprob, old_logprob)
+        kl_k1, kl_k3 = mean_over_ranks(torch.stack(approx_kl(new_logprob, old_logprob)), world_size)
+        entropy = mean_over_ranks(entropy.mean().detach(), world_size)
     return {
         "policy_loss": -result.surrogate,  # -L after the step; L(theta_old) = mean(A), 0 with --norm-adv
-        "entropy": entropy.mean().item(),  # of pi_old, the policy that collected the batch
+        "entropy": entropy.item(),  # of pi_old, the policy that collected the batch
         "kl": result.kl,  # exact mean KL(pi_old || pi_new) over the batch's states after the step
         "approx_kl_k1": kl_k1.item(),
         "approx_kl_k3": kl_k3.item(),
@@ -800,13 +820,20 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
+    # torchrun: one process per rank, each with its own envs; the batch and minibatch sizes below are per rank.
+    rank, world_size, device = setup_distributed(device, args.dist_timeout_s)  # plain python: (0, 1, device)
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
-    print(budget_line(args.total_timesteps, batch_size))
-    run_name, run_dir = make_run_dir(args.env_id, args.exp_name, args.seed)  # a new folder, never another run's
-    write_json(os.path.join(run_dir, "args.json"), asdict(args))
-    logger = Logger(args, run_dir, run_name)
+    num_iterations = args.total_timesteps // (batch_size * world_size)
+    if num_iterations == 0:  # the same on every rank: all stop here, before any collective
+        raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is smaller than one batch of all "
+                         f"{world_size} ranks ({batch_size * world_size} steps)")
+    run_name = run_dir = None  # only rank 0 writes: the run folder, metrics, wandb, videos, checkpoints
+    if rank == 0:
+        print(budget_line(args.total_timesteps, batch_size * world_size))
+        run_name, run_dir = make_run_dir(args.env_id, args.exp_name, args.seed)  # a new folder, never another run's
+        write_json(os.path.join(run_dir, "args.json"), asdict(args))
+    logger = Logger(args, run_dir, run_name)  # without a run_dir (ranks > 0) it writes and prints nothing
     stop_signal = StopSignal()  # Ctrl-C or SIGTERM: finish the iteration, then save and close as at the end
 
     random.seed(args.seed)
@@ -817,6 +844,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     envs = make_envs(args, run_name)
     policy = make_policy(obs_dim, action_space).to(device)
     critic = Critic(obs_dim).to(device)
+    if world_size > 1:  # the networks start the same on every rank (seed above); then each rank samples its own
+        torch.manual_seed(args.seed + rank)
     # Only the critic has an optimiser: the policy moves by the natural-gradient step alone.
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.vf_lr, eps=1e-5, fused=True)
     obs_rms = RunningMeanStd((obs_dim,), device) if args.norm_obs else None
@@ -844,7 +873,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             return torch.as_tensor(raw, dtype=torch.float32, device=device)
         return obs_rms.normalize(raw)
 
-    raw_obs, _ = envs.reset(seed=args.seed)  # [N, obs_dim], numpy as the envs return it
+    raw_obs, _ = envs.reset(seed=args.seed + rank * N)  # [N, obs_dim] numpy; env i of rank r: seed + r N + i
+    obs_rms_agreed = obs_rms.state_dict() if obs_rms is not None else None  # torchrun: merged after each rollout
     if obs_rms is not None:
         obs_rms.update(raw_obs)
     next_obs = observe(raw_obs)
@@ -884,7 +914,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                         final_obs[step, mask] = observe(ended_final[time_limit[ended]])  # the time-limit ones
                     ended_return[step, ended] = info["episode"]["r"][ended]
                     ended_length[step, ended] = info["episode"]["l"][ended]
-        global_step += T * N
+        global_step += T * N * world_size  # every rank's steps
+        if obs_rms is not None:  # each rank normalised with its own statistics; now they all hold every rank's
+            obs_rms_agreed = merge_statistics_over_ranks(obs_rms, obs_rms_agreed, world_size)
 
         # ---- pi_old's log-probs and the critic's values for the whole batch, one forward pass each ----
         b_obs, b_actions = obs.reshape(batch_size, obs_dim), actions.reshape(batch_size, *action_shape)
@@ -894,7 +926,12 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             values = b_values.reshape(T, N)
             # With --norm-reward, divided by the std of the running discounted return (sb3's VecNormalize):
             # rewards of any size give value targets of order 1.
-            rewards = (reward_scaler(raw_rewards, dones) if reward_scaler is not None else raw_rewards).float()
+            if reward_scaler is None:
+                rewards = raw_rewards.float()
+            else:
+                return_rms_before = reward_scaler.return_rms.state_dict()
+                rewards = reward_scaler(raw_rewards, dones).float()
+                merge_statistics_over_ranks(reward_scaler.return_rms, return_rms_before, world_size)  # torchrun
             # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs) to
             # the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal. Both the reward and V
             # are on the scaled reward scale, and final_obs is normalised like every observation V sees.
@@ -903,12 +940,12 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
 
         # ---- policy: one natural-gradient step on the whole batch ----
-        # normalize_advantages is the PPO scripts' per-minibatch function; TRPO's one "minibatch" is the batch.
-        policy_advantages = normalize_advantages(b_advantages) if args.norm_adv else b_advantages
+        # The PPO scripts' per-minibatch normalisation; TRPO's one "minibatch" is the batch (all ranks' parts of it).
+        policy_advantages = normalize_advantages_over_ranks(b_advantages, world_size) if args.norm_adv else b_advantages
         try:
             policy_stats = trpo_update(
                 policy, b_obs, b_actions, b_logprobs, policy_advantages, args.max_kl, args.cg_iters,
-                args.cg_damping, args.backtrack_coef, args.backtrack_iters,
+                args.cg_damping, args.backtrack_coef, args.backtrack_iters, world_size=world_size,
             )
         except FloatingPointError as err:
             logger.close()
@@ -928,9 +965,10 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 v_loss = value_loss(critic(b_obs[mb]), b_values[mb], b_returns[mb], None)  # plain MSE, no clip
                 critic_optimizer.zero_grad()
                 v_loss.backward()
+                average_gradients(critic.parameters(), world_size)  # torchrun: the global minibatch's gradient
                 critic_optimizer.step()
                 v_losses.append(v_loss.detach())
-        v_losses = torch.stack(v_losses)
+        v_losses = mean_over_ranks(torch.stack(v_losses), world_size)  # a NaN on any rank reaches every rank
         bad = (~torch.isfinite(v_losses)).nonzero()
         if len(bad):
             minibatch = bad[0].item()
@@ -943,8 +981,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             )
 
         # ---- diagnostics: one line per iteration ----
-        ev = explained_variance(b_values, b_returns)
-        ended = ended_return[~np.isnan(ended_return)]
+        ev = explained_variance(gather_over_ranks(b_values, world_size), gather_over_ranks(b_returns, world_size))
+        ended, ended_lengths = gather_episodes(ended_return, ended_length, device, world_size)  # every rank's
         last_100.extend(ended.tolist())
         elapsed = time.time() - start_time
         logger.log({
@@ -958,13 +996,17 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             "explained_variance": ev.item(),
             "episodes": len(ended),
             "episodic_return": float(ended.mean()) if len(ended) else None,
-            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
+            "episodic_length": float(ended_lengths.mean()) if len(ended) else None,
             "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
         })
-        if stop_signal.requested:
+        if any_rank(stop_signal.requested, device, world_size):  # torchrun: all ranks stop after the same iteration
             break
 
     envs.close()
+    teardown_distributed(world_size)
+    if rank > 0:  # rank 0 writes the summary and the model, and says where they are
+        stop_signal.restore()
+        return None
     summary = {
         "global_step": global_step,
         "time": time.time() - start_time,
@@ -1110,6 +1152,139 @@ class StopSignal:
         self.previous = {}
 
 
+def setup_distributed(device: torch.device, timeout_s: float) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) of this process. Started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK
+    and LOCAL_WORLD_SIZE) it joins the process group: nccl when every rank of the machine has a GPU of its own,
+    gloo otherwise (CPU ranks, or ranks sharing one GPU); each rank on a GPU takes GPU LOCAL_RANK (modulo the
+    count). A collective that waits more than timeout_s for the other ranks (one of them died) raises instead
+    of waiting forever, and the run ends with that error. Started by plain python: (0, 1, device), no group."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, local_world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    backend = "gloo"
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        if torch.cuda.device_count() >= local_world_size:
+            backend = "nccl"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return rank, world_size, device
+
+
+def teardown_distributed(world_size: int) -> None:
+    """Leave the process group once every rank is done with it (torchrun; nothing with one process). The
+    gc.collect() frees, while the interpreter is still whole, objects that gloo's threads may still reference:
+    left to the interpreter's exit, they now and then abort the process ("terminate called without an active
+    exception", SIGABRT; measured here in 4 of 14 two-rank runs on a loaded machine, none with it)."""
+    if world_size == 1:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+def mean_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The mean of x over the ranks (every rank gets the same result); x itself with one process. With equal
+    batch sizes on every rank, the mean of per-rank means is the mean over the global batch."""
+    if world_size == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return total / world_size
+
+
+def gather_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's x concatenated along dim 0, in rank order (the same on every rank); x with one process."""
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def normalize_advantages_over_ranks(advantages: torch.Tensor, world_size: int) -> torch.Tensor:
+    """normalize_advantages over the global minibatch, whose parts the ranks hold: its mean and (unbiased) std
+    from one all-reduce, so K ranks with minibatches of M normalise as one process with K * M."""
+    if world_size == 1:
+        return normalize_advantages(advantages)
+    # One all-reduce of the sum and the sum of squares instead of two passes (mean, then squared deviations):
+    # summed in float64, the one-pass variance loses nothing unless |mean| is ~1e6 stds, never so for advantages.
+    a = advantages.detach().double()
+    sums = torch.stack([a.sum(), (a * a).sum()])
+    dist.all_reduce(sums)
+    n = advantages.numel() * world_size
+    mean = sums[0] / n
+    std = ((sums[1] - n * mean * mean) / (n - 1)).clamp(min=0.0).sqrt()
+    return (advantages - mean.to(advantages.dtype)) / (std.to(advantages.dtype) + 1e-8)
+
+
+def average_gradients(parameters, world_size: int) -> None:
+    """Replace each gradient by its mean over the ranks: the gradient of the global minibatch's loss (each rank's
+    loss is a mean over its equal part). One all-reduce of all gradients flattened into one buffer, as cleanrl's
+    multi-GPU PPO does, rather than DistributedDataParallel: the networks stay plain modules called as before
+    (DDP wraps them and renames their state_dict keys) and --compile compiles the same loss."""
+    if world_size == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(averaged.view_as(g))
+
+
+def any_rank(flag: bool, device: torch.device, world_size: int) -> bool:
+    """True on every rank when flag is True on any: the ranks decide together (to stop after a signal)."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)  # on the device: nccl moves only GPU tensors
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_episodes(ended_return: np.ndarray, ended_length: np.ndarray, device: torch.device,
+                    world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns and lengths of the episodes that ended this iteration on any rank (rank order, the same on every
+    rank). ended_return: [T, N], NaN where no episode ended; ended_length: [T, N]. Gathered as tensors of the
+    same shape on every rank (all_gather_object left gloo ranks aborting at exit now and then)."""
+    if world_size > 1:
+        ended_return = gather_over_ranks(torch.as_tensor(ended_return, device=device), world_size).cpu().numpy()
+        ended_length = gather_over_ranks(torch.as_tensor(ended_length, device=device), world_size).cpu().numpy()
+    finished = ~np.isnan(ended_return)
+    return ended_return[finished], ended_length[finished]
+
+
+def merge_statistics_over_ranks(rms: RunningMeanStd, before: dict, world_size: int) -> dict:
+    """Make rms, on every rank, the statistics of all ranks' data, and return them as a state_dict (the next
+    `before`). `before` is rms.state_dict() from when the ranks last agreed. Each rank recovers the count, mean
+    and var of what it merged in since (Chan's merge solved for the new part; exact up to float64 rounding), the
+    ranks gather those, and every rank merges them into `before` in rank order: the same statistics everywhere,
+    those of all the data. With one process: rms as it is."""
+    if world_size == 1:
+        return before
+    n0, n1 = float(before["count"]), rms.count
+    mean0, var0 = before["mean"].to(rms.mean.device), before["var"].to(rms.var.device)
+    n = n1 - n0
+    mean_new, var_new = torch.zeros_like(mean0), torch.zeros_like(var0)
+    if n > 0:
+        mean_new = (n1 * rms.mean - n0 * mean0) / n
+        var_new = (n1 * rms.var - n0 * var0 - (n0 * n / n1) * (mean_new - mean0) ** 2) / n
+    part = torch.cat([torch.tensor([n], dtype=torch.float64, device=mean0.device), mean_new.reshape(-1),
+                      var_new.reshape(-1)])
+    count, mean, var, d = n0, mean0, var0, mean0.numel()
+    for row in gather_over_ranks(part[None], world_size):  # [world_size, 1 + 2d]
+        n_b = row[0].item()
+        if n_b == 0:
+            continue
+        mean_b, var_b = row[1 : 1 + d].view_as(mean), row[1 + d :].view_as(var)
+        count, w, delta = count + n_b, n_b / (count + n_b), mean_b - mean
+        mean = mean + w * delta
+        var = (1.0 - w) * var + w * var_b + (w * (1.0 - w)) * delta**2
+    rms.load_state_dict({"mean": mean, "var": var, "count": torch.tensor(count, dtype=torch.float64)})
+    return rms.state_dict()
+
+
 def compute_array(x, device: torch.device):
     """x (a tensor or a numpy array) in float64, as the running statistics below compute with it: a numpy array
     on the CPU, a tensor on `device` otherwise. Not a copy where x is a float64 CPU tensor or array already:
@@ -1188,7 +1363,7 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
             env.close()
 
 
-def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
+def make_envs(args: Args, run_name: Optional[str]) -> gym.vector.VectorEnv:
     """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
     next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
     from one episode into the next, and a truncated episode can be bootstrapped from its real final obs.
@@ -1196,7 +1371,7 @@ def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
 
     def make_one(index: int):
         def thunk():
-            if args.capture_video and index == 0:
+            if args.capture_video and index == 0 and run_name is not None:  # env 0 of rank 0
                 env = gym.make(args.env_id, render_mode="rgb_array")
                 return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
             return gym.make(args.env_id)
@@ -1235,10 +1410,10 @@ class Logger:
     """Every iteration: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with
     --track. A wandb error is printed once and turns wandb off; it never stops training."""
 
-    def __init__(self, args: Args, run_dir: str, run_name: str):
-        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
+    def __init__(self, args: Args, run_dir: Optional[str], run_name: Optional[str]):
+        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1) if run_dir else None
         self.wandb_run = None
-        if args.track:
+        if args.track and run_dir:
             try:
                 import wandb
 
@@ -1250,6 +1425,8 @@ class Logger:
                 print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
 
     def log(self, metrics: dict) -> None:
+        if self.metrics_file is None:  # a rank other than 0 under torchrun
+            return
         clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
         self.metrics_file.write(json.dumps(clean) + "\n")
         def show(key, spec):
@@ -1270,7 +1447,8 @@ class Logger:
                 self.wandb_run = None
 
     def close(self) -> None:
-        self.metrics_file.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
         if self.wandb_run is not None:
             try:
                 self.wandb_run.finish()
