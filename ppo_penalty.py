@@ -8,6 +8,7 @@ Run:
     python ppo_penalty.py --kl-target 0.003 --init-beta 10   # a tighter trust region, a stiffer start
     python ppo_penalty.py --eval-checkpoint runs/<run_name>/ppo_penalty.pt   # evaluate a saved agent
     python ppo_penalty.py --help                             # every flag, with its meaning
+    torchrun --standalone --nproc-per-node 2 ppo_penalty.py  # 2 processes: --num-envs, --num-steps per process
     python benchmarks/plot_beta.py runs/<run_name>/metrics.jsonl --out beta.png   # the adaptive-KL figure
 
 What it implements, by section of the article "PPO and TRPO -- Trust Region Policy Optimization":
@@ -27,6 +28,9 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
                                         blow-up: normalise rewards (running stats)        -> Agent, RunningMeanStd,
                                                                                             RewardScaler
     "Hyperparameter cheat sheet"        linear LR annealing, grad-norm clip               -> Args, main
+    "TRPO vs PPO: head to head"         "trivially parallelisable": ranks under torchrun  -> setup_distributed,
+                                        each with its envs, gradients averaged over ranks,   average_gradients
+                                        beta from the KL of every rank's batch
 
 The ratio is never clipped here: the trust region comes only from the penalty, which is the point of having
 this script beside ppo_discrete.py. The logged `clipfrac` is a diagnostic of what PPO-Clip would have clipped.
@@ -45,6 +49,8 @@ whole update, and the KLs are measured on the whole batch after the update.
 from __future__ import annotations
 
 import collections
+import datetime
+import gc
 import importlib.util
 import json
 import math
@@ -59,6 +65,7 @@ from typing import Optional
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import tyro
 
@@ -99,19 +106,22 @@ class Args:
     """if set: no training; load this checkpoint, run --eval-episodes episodes and print mean/std return"""
     eval_episodes: int = 10
     """episodes run by the evaluation after --save-model and by --eval-checkpoint (greedy / mean actions)"""
+    dist_timeout_s: float = 300.0
+    """under torchrun: seconds a rank waits in a collective for the others before the run fails (a rank died)"""
 
     # Algorithm. Defaults: ppo_discrete.py's (= cleanrl's ppo.py) for CartPole-v1. For MuJoCo pass cleanrl's
     # ppo_continuous.py settings on the command line (see the docstring at the top of the file).
     env_id: str = "CartPole-v1"
     """gymnasium id of an env with a flat Box observation and Discrete or finite-bounded 1-D Box actions"""
     total_timesteps: int = 500_000
-    """environment steps in total, summed over the parallel envs"""
+    """environment steps in total, summed over the parallel envs (and over the ranks under torchrun)"""
     learning_rate: float = 2.5e-4
     """Adam step size (typical 1e-4 to 3e-4; cleanrl uses 3e-4 for MuJoCo)"""
     num_envs: int = 4
-    """environments, stepped one after another in this process (SameStepVectorEnv)"""
+    """parallel environments (per rank under torchrun); Discrete envs, and a single Box env, step one after another
+    in this process (SameStepVectorEnv); more Box envs (MuJoCo) run in subprocesses (AsyncVectorEnv)"""
     num_steps: int = 128
-    """steps per env per rollout; batch size = num_envs * num_steps"""
+    """steps per env per rollout; batch size = num_envs * num_steps (per rank; x ranks under torchrun)"""
     anneal_lr: bool = True
     """decay the learning rate linearly to 0 over training"""
     gamma: float = 0.99
@@ -119,7 +129,7 @@ class Args:
     gae_lambda: float = 0.95
     """GAE lambda: 0 is one-step TD, 1 is the Monte-Carlo return (typical 0.9 to 0.99)"""
     num_minibatches: int = 4
-    """minibatches per epoch; must divide the batch size"""
+    """minibatches per epoch; must divide the batch size (per rank under torchrun)"""
     update_epochs: int = 4
     """passes over each batch (typical 3 to 10)"""
     norm_adv: bool = True
@@ -575,13 +585,20 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
+    # torchrun: one process per rank, each with its own envs; the batch and minibatch sizes below are per rank.
+    rank, world_size, device = setup_distributed(device, args.dist_timeout_s)  # plain python: (0, 1, device)
     batch_size = args.num_envs * args.num_steps
     minibatch_size = batch_size // args.num_minibatches
-    num_iterations = args.total_timesteps // batch_size
-    print(budget_line(args.total_timesteps, batch_size))
-    run_name, run_dir = make_run_dir(args.env_id, args.exp_name, args.seed)  # a new folder, never another run's
-    write_json(os.path.join(run_dir, "args.json"), asdict(args))
-    logger = Logger(args, run_dir, run_name)
+    num_iterations = args.total_timesteps // (batch_size * world_size)
+    if num_iterations == 0:  # the same on every rank: all stop here, before any collective
+        raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is smaller than one batch of all "
+                         f"{world_size} ranks ({batch_size * world_size} steps)")
+    run_name = run_dir = None  # only rank 0 writes: the run folder, metrics, wandb, videos, checkpoints
+    if rank == 0:
+        print(budget_line(args.total_timesteps, batch_size * world_size))
+        run_name, run_dir = make_run_dir(args.env_id, args.exp_name, args.seed)  # a new folder, never another run's
+        write_json(os.path.join(run_dir, "args.json"), asdict(args))
+    logger = Logger(args, run_dir, run_name)  # without a run_dir (ranks > 0) it writes and prints nothing
     stop_signal = StopSignal()  # Ctrl-C or SIGTERM: finish the iteration, then save and close as at the end
 
     random.seed(args.seed)
@@ -589,8 +606,10 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    envs = make_envs(args, run_name)
+    envs = make_envs(args, run_name, discrete)
     agent = Agent(obs_dim, act_dim, discrete).to(device)
+    if world_size > 1:  # the networks start the same on every rank (seed above); then each rank samples its own
+        torch.manual_seed(args.seed + rank)
     # fused=True: one kernel for the whole Adam step instead of several per parameter (the same arithmetic)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
     beta = args.init_beta
@@ -625,8 +644,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     ended_return, ended_length = np.full((T, N), np.nan), np.zeros((T, N), dtype=np.int64)
     last_100 = collections.deque(maxlen=100)
 
-    raw_obs, _ = envs.reset(seed=args.seed)  # [N, obs_dim], numpy as the envs return it
+    raw_obs, _ = envs.reset(seed=args.seed + rank * N)  # [N, obs_dim], numpy; env i of rank r: seed + r N + i
     if obs_rms is not None:
+        obs_rms_agreed = obs_rms.state_dict()  # torchrun: the statistics every rank holds, merged after each rollout
         obs_rms.update(raw_obs)
     next_obs = observe(raw_obs)
     global_step, start_time = 0, time.time()
@@ -669,7 +689,9 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                         final_obs[step, mask] = observe(ended_final[time_limit[ended]])  # the time-limit ones
                     ended_return[step, ended] = info["episode"]["r"][ended]
                     ended_length[step, ended] = info["episode"]["l"][ended]
-        global_step += T * N
+        global_step += T * N * world_size  # every rank's steps
+        if obs_rms is not None:  # during the rollout each rank normalised with its own statistics; now every rank's
+            obs_rms_agreed = merge_statistics_over_ranks(obs_rms, obs_rms_agreed, world_size)
 
         # ---- pi_old's distribution parameters, log-probs and values for the whole batch, one forward pass ----
         # (the parameters did not change during the rollout, so this is the policy that sampled the actions)
@@ -680,7 +702,12 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             b_logprobs = agent.logprob_entropy(b_old_params, b_actions)[0]
             values = b_values.reshape(T, N)
             # Box envs: divided by the std of the running discounted return (RewardScaler).
-            rewards = (reward_scaler(raw_rewards, dones) if reward_scaler is not None else raw_rewards).float()
+            if reward_scaler is not None:
+                return_rms_before = reward_scaler.return_rms.state_dict()
+                rewards = reward_scaler(raw_rewards, dones).float()
+                merge_statistics_over_ranks(reward_scaler.return_rms, return_rms_before, world_size)  # torchrun
+            else:
+                rewards = raw_rewards.float()
             # A time limit is not a terminal state: the return goes on past it. Adding gamma * V(final obs)
             # to the last reward lets GAE stop at dones[t] = 1 as it does for a true terminal. For Box envs
             # rewards and V are both on the scaled scale, so the sum is consistent.
@@ -698,8 +725,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 new_logprob, entropy = agent.logprob_entropy(new_params, b_actions[mb_inds])
                 kl = agent.kl(b_old_params[mb_inds], new_params)  # [M], exact KL(pi_old || pi_theta) per state
                 mb_advantages = b_advantages[mb_inds]
-                if args.norm_adv:
-                    mb_advantages = normalize_advantages(mb_advantages)
+                if args.norm_adv:  # over the global minibatch: every rank's part of it
+                    mb_advantages = normalize_advantages_over_ranks(mb_advantages, world_size)
                 pg_loss, surrogate, penalty = kl_penalty_loss(new_logprob, b_logprobs[mb_inds], mb_advantages, kl, beta)
                 v_loss = value_loss(new_values, b_values[mb_inds], b_returns[mb_inds],
                                     args.clip_coef if args.clip_vloss else None)
@@ -710,6 +737,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
 
                 optimizer.zero_grad()
                 loss.backward()
+                average_gradients(agent.parameters(), world_size)  # torchrun: the global minibatch's gradient
                 nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
                 optimizer.step()
                 stats.append(torch.stack([pg_loss, v_loss, entropy_mean, clipfrac, loss, surrogate, penalty]).detach())
@@ -719,9 +747,12 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             new_params, _ = agent(b_obs)
             kl_exact = agent.kl(b_old_params, new_params).mean()  # the measured KL that steers beta
             kl_k1, kl_k3 = approx_kl(agent.logprob_entropy(new_params, b_actions)[0], b_logprobs)
-            ev = explained_variance(b_values, b_returns)
+            # torchrun: over the global batch, so every rank steers beta by the same KL to the same value
+            kl_exact, kl_k1, kl_k3 = mean_over_ranks(torch.stack([kl_exact, kl_k1, kl_k3]), world_size)
+            ev = explained_variance(gather_over_ranks(b_values, world_size), gather_over_ranks(b_returns, world_size))
         names = ("policy_loss", "value_loss", "entropy", "clipfrac", "loss", "surrogate", "kl_penalty")
-        stats = torch.stack(stats)  # [update_epochs * num_minibatches, 7]
+        # [update_epochs * num_minibatches, 7]; torchrun: a NaN on any rank reaches every rank
+        stats = mean_over_ranks(torch.stack(stats), world_size)
         bad = (~torch.isfinite(stats)).nonzero()
         if len(bad) or not torch.isfinite(kl_exact):
             logger.close()
@@ -735,7 +766,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
                 where = f"kl_exact is {kl_exact.item()} at iteration {iteration}, after the update"
             raise SystemExit(f"error: {where} (step {global_step}); stopping, nothing saved")
         means = stats.mean(0).tolist()
-        ended = ended_return[~np.isnan(ended_return)]
+        ended, ended_lengths = gather_episodes(ended_return, ended_length, device, world_size)  # every rank's
         last_100.extend(ended.tolist())
         elapsed = time.time() - start_time
         logger.log({
@@ -754,14 +785,18 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             "update_minibatches": len(stats),
             "episodes": len(ended),
             "episodic_return": float(ended.mean()) if len(ended) else None,
-            "episodic_length": float(ended_length[~np.isnan(ended_return)].mean()) if len(ended) else None,
+            "episodic_length": float(ended_lengths.mean()) if len(ended) else None,
             "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
         })
         beta = update_beta(beta, kl_exact.item(), args.kl_target)  # for the next iteration
-        if stop_signal.requested:
+        if any_rank(stop_signal.requested, device, world_size):  # torchrun: all ranks stop after the same iteration
             break
 
     envs.close()
+    teardown_distributed(world_size)
+    if rank > 0:  # rank 0 writes the summary and the model, and says where they are
+        stop_signal.restore()
+        return None
     summary = {
         "global_step": global_step,
         "time": time.time() - start_time,
@@ -908,6 +943,154 @@ class StopSignal:
         self.previous = {}
 
 
+def setup_distributed(device: torch.device, timeout_s: float) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) of this process. Started by torchrun (which sets RANK, WORLD_SIZE, LOCAL_RANK
+    and LOCAL_WORLD_SIZE) it joins the process group: nccl when every rank of the machine has a GPU of its own,
+    gloo otherwise (CPU ranks, or ranks sharing one GPU); each rank on a GPU takes GPU LOCAL_RANK (modulo the
+    count). A collective that waits more than timeout_s for the other ranks (one of them died) raises instead
+    of waiting forever, and the run ends with that error. Started by plain python: (0, 1, device), no group."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, local_world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    backend = "gloo"
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        if torch.cuda.device_count() >= local_world_size:
+            backend = "nccl"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return rank, world_size, device
+
+
+def teardown_distributed(world_size: int) -> None:
+    """Leave the process group once every rank is done with it (torchrun; nothing with one process). The
+    gc.collect() frees, while the interpreter is still whole, objects that gloo's threads may still reference:
+    left to the interpreter's exit, they now and then abort the process ("terminate called without an active
+    exception", SIGABRT; measured here in 4 of 14 two-rank runs on a loaded machine, none with it)."""
+    if world_size == 1:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+
+
+def mean_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """The mean of x over the ranks (every rank gets the same result); x itself with one process. With equal
+    batch sizes on every rank, the mean of per-rank means is the mean over the global batch."""
+    if world_size == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return total / world_size
+
+
+def gather_over_ranks(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's x concatenated along dim 0, in rank order (the same on every rank); x with one process."""
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def normalize_advantages_over_ranks(advantages: torch.Tensor, world_size: int) -> torch.Tensor:
+    """normalize_advantages over the global minibatch, whose parts the ranks hold: its mean and (unbiased) std
+    from one all-reduce, so K ranks with minibatches of M normalise as one process with K * M."""
+    if world_size == 1:
+        return normalize_advantages(advantages)
+    # One all-reduce of the sum and the sum of squares instead of two passes (mean, then squared deviations):
+    # summed in float64, the one-pass variance loses nothing unless |mean| is ~1e6 stds, never so for advantages.
+    a = advantages.detach().double()
+    sums = torch.stack([a.sum(), (a * a).sum()])
+    dist.all_reduce(sums)
+    n = advantages.numel() * world_size
+    mean = sums[0] / n
+    std = ((sums[1] - n * mean * mean) / (n - 1)).clamp(min=0.0).sqrt()
+    return (advantages - mean.to(advantages.dtype)) / (std.to(advantages.dtype) + 1e-8)
+
+
+def average_gradients(parameters, world_size: int) -> None:
+    """Replace each gradient by its mean over the ranks: the gradient of the global minibatch's loss (each rank's
+    loss is a mean over its equal part). One all-reduce of all gradients flattened into one buffer, as cleanrl's
+    multi-GPU PPO does, rather than DistributedDataParallel: the networks stay plain modules called as before
+    (DDP wraps them and renames their state_dict keys) and --compile compiles the same loss."""
+    if world_size == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(averaged.view_as(g))
+
+
+def any_rank(flag: bool, device: torch.device, world_size: int) -> bool:
+    """True on every rank when flag is True on any: the ranks decide together (to stop after a signal)."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)  # on the device: nccl moves only GPU tensors
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_episodes(ended_return: np.ndarray, ended_length: np.ndarray, device: torch.device,
+                    world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Returns and lengths of the episodes that ended this iteration on any rank (rank order, the same on every
+    rank). ended_return: [T, N], NaN where no episode ended; ended_length: [T, N]. Gathered as tensors of the
+    same shape on every rank (all_gather_object left gloo ranks aborting at exit now and then)."""
+    if world_size > 1:
+        ended_return = gather_over_ranks(torch.as_tensor(ended_return, device=device), world_size).cpu().numpy()
+        ended_length = gather_over_ranks(torch.as_tensor(ended_length, device=device), world_size).cpu().numpy()
+    finished = ~np.isnan(ended_return)
+    return ended_return[finished], ended_length[finished]
+
+
+def merge_statistics_over_ranks(rms: RunningMeanStd, before: dict, world_size: int) -> dict:
+    """Make rms, on every rank, the statistics of all ranks' data, and return them as a state_dict (the next
+    `before`). `before` is rms.state_dict() from when the ranks last agreed. Each rank recovers the count, mean
+    and var of what it merged in since (Chan's merge solved for the new part; exact up to float64 rounding), the
+    ranks gather those, and every rank merges them into `before` in rank order: the same statistics everywhere,
+    those of all the data. With one process: rms as it is."""
+    if world_size == 1:
+        return before
+    n0, n1 = float(before["count"]), rms.count
+    mean0, var0 = before["mean"].to(rms.mean.device), before["var"].to(rms.var.device)
+    n = n1 - n0
+    mean_new, var_new = torch.zeros_like(mean0), torch.zeros_like(var0)
+    if n > 0:
+        mean_new = (n1 * rms.mean - n0 * mean0) / n
+        var_new = (n1 * rms.var - n0 * var0 - (n0 * n / n1) * (mean_new - mean0) ** 2) / n
+    part = torch.cat([torch.tensor([n], dtype=torch.float64, device=mean0.device), mean_new.reshape(-1),
+                      var_new.reshape(-1)])
+    count, mean, var, d = n0, mean0, var0, mean0.numel()
+    for row in gather_over_ranks(part[None], world_size):  # [world_size, 1 + 2d]
+        n_b = row[0].item()
+        if n_b == 0:
+            continue
+        mean_b, var_b = row[1 : 1 + d].view_as(mean), row[1 + d :].view_as(var)
+        count, w, delta = count + n_b, n_b / (count + n_b), mean_b - mean
+        mean = mean + w * delta
+        var = (1.0 - w) * var + w * var_b + (w * (1.0 - w)) * delta**2
+    rms.load_state_dict({"mean": mean, "var": var, "count": torch.tensor(count, dtype=torch.float64)})
+    return rms.state_dict()
+
+
+def ignore_stop_signals(thunk):
+    """An env factory for AsyncVectorEnv's worker processes that makes them ignore SIGINT and SIGTERM, which a
+    terminal's Ctrl-C sends to every process of the job: the main process stops the run and closes them. In the
+    process that wraps it (where AsyncVectorEnv also builds one env, to read its spaces) it changes nothing."""
+    main_pid = os.getpid()
+
+    def make_env():
+        if os.getpid() != main_pid:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return thunk()
+
+    return make_env
+
+
 def compute_array(x, device: torch.device):
     """x (a tensor or a numpy array) in float64, as the running statistics below compute with it: a numpy array
     on the CPU, a tensor on `device` otherwise. Not a copy where x is a float64 CPU tensor or array already:
@@ -986,22 +1169,33 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
             env.close()
 
 
-def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
+def make_envs(args: Args, run_name: Optional[str], discrete: bool) -> gym.vector.VectorEnv:
     """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
     next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
-    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs.
-    The envs step one after another in this process (SameStepVectorEnv)."""
+    from one episode into the next, and a truncated episode can be bootstrapped from its real final obs. Ended
+    episodes' returns and lengths come in info["episode"] (RecordEpisodeStatistics' keys).
+    Discrete envs, and a single Box env, step one after another in this process (SameStepVectorEnv). More than
+    one Box env run each in its own process (AsyncVectorEnv), as in ppo_continuous.py: MuJoCo physics is most of
+    a step's cost, and this way the envs step on several cores at once. The Discrete envs this script runs
+    (classic control) take less time to step than a round trip through a worker's pipe, so subprocesses would
+    only slow them down. Either way the same seeds give the same transitions: the logged metrics do not depend on
+    where the envs step (a test compares them)."""
 
     def make_one(index: int):
         def thunk():
-            if args.capture_video and index == 0:
+            if args.capture_video and index == 0 and run_name is not None:  # env 0 of rank 0
                 env = gym.make(args.env_id, render_mode="rgb_array")
                 return gym.wrappers.RecordVideo(env, f"videos/{run_name}", disable_logger=True)
             return gym.make(args.env_id)
 
         return thunk
 
-    return SameStepVectorEnv([make_one(i) for i in range(args.num_envs)])
+    env_fns = [make_one(i) for i in range(args.num_envs)]
+    if discrete or args.num_envs == 1:
+        return SameStepVectorEnv(env_fns)
+    env_fns = [ignore_stop_signals(fn) for fn in env_fns]  # Ctrl-C reaches the workers too; main() stops them
+    envs = gym.vector.AsyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
 
 
 def check_env(env_id: str) -> tuple[int, int, bool]:
@@ -1032,10 +1226,10 @@ class Logger:
     """Every iteration: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with
     --track. A wandb error is printed once and turns wandb off; it never stops training."""
 
-    def __init__(self, args: Args, run_dir: str, run_name: str):
-        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1)
+    def __init__(self, args: Args, run_dir: Optional[str], run_name: Optional[str]):
+        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1) if run_dir else None
         self.wandb_run = None
-        if args.track:
+        if args.track and run_dir:
             try:
                 import wandb
 
@@ -1047,6 +1241,8 @@ class Logger:
                 print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
 
     def log(self, metrics: dict) -> None:
+        if self.metrics_file is None:  # a rank other than 0 under torchrun
+            return
         clean = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
         self.metrics_file.write(json.dumps(clean) + "\n")
         def show(key, spec):
@@ -1066,7 +1262,8 @@ class Logger:
                 self.wandb_run = None
 
     def close(self) -> None:
-        self.metrics_file.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
         if self.wandb_run is not None:
             try:
                 self.wandb_run.finish()

@@ -1367,7 +1367,9 @@ def make_envs(args: Args, run_name: Optional[str]) -> gym.vector.VectorEnv:
     """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
     next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
     from one episode into the next, and a truncated episode can be bootstrapped from its real final obs.
-    The envs step one after another in this process (SameStepVectorEnv)."""
+    The envs step one after another in this process (SameStepVectorEnv), even MuJoCo ones, unlike
+    ppo_continuous.py's and ppo_penalty.py's several Box envs: at this script's 2 envs a worker process's pipe
+    costs more than the second core gives back (benchmarks/SCALING.md, ppo_continuous.py at 1 and 2 envs)."""
 
     def make_one(index: int):
         def thunk():

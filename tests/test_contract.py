@@ -22,7 +22,8 @@ SHARED_DEFINITIONS = [
     "gaussian_kl", "layer_init", "RunningMeanStd", "RewardScaler", "compute_array", "SameStepVectorEnv",
     "pick_device", "load_checkpoint", "make_run_dir", "write_json", "budget_line", "StopSignal",
     "setup_distributed", "mean_over_ranks", "gather_over_ranks", "normalize_advantages_over_ranks", "average_gradients",
-    "any_rank", "gather_episodes", "teardown_distributed", "cpu_weights",
+    "any_rank", "gather_episodes", "teardown_distributed", "merge_statistics_over_ranks", "ignore_stop_signals",
+    "cpu_weights",
 ]
 
 

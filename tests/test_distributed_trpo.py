@@ -50,6 +50,8 @@ def update(policy, batch: dict, world_size: int) -> dict:
 
 
 def update_on_rank(rank, world_size, port, out_dir):
+    import trpo
+
     as_rank(rank, world_size, port)
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
     policy, batch = make_batch()
@@ -57,7 +59,7 @@ def update_on_rank(rank, world_size, port, out_dir):
     stats = update(policy, half, world_size)
     torch.save({"policy": policy.state_dict(), "stats": torch.tensor([stats[k] for k in STATS], dtype=torch.float64)},
                Path(out_dir) / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    trpo.teardown_distributed(world_size)
 
 
 def test_one_trpo_update_on_two_ranks_equals_one_process(tmp_path):
@@ -122,5 +124,6 @@ def test_torchrun_runs_trpo_and_bad_input_stops_every_rank(tmp_path):
     bad = subprocess.run([*launcher, str(ROOT / "trpo.py"), *TINY, "--num-minibatches", "3"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=DEADLINE)
     assert bad.returncode != 0 and time.time() - start < 60
-    assert (bad.stdout + bad.stderr).count("error: --num-minibatches 3") == 2  # one line per rank
+    # one line per rank that got that far: torchrun stops the other rank when the first exits
+    assert 1 <= (bad.stdout + bad.stderr).count("error: --num-minibatches 3") <= 2
     assert len(list((tmp_path / "runs").iterdir())) == 1

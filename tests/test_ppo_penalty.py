@@ -1,6 +1,7 @@
 """Tests of ppo_penalty.py: the adaptive beta rule, the exact KLs, the gradient at theta_old, the running
 normalisation, smoke runs on CartPole-v1 and Pendulum-v1 with checkpoint round trips, time-limit
-bootstrapping, determinism, bad input and the NaN stop."""
+bootstrapping, determinism, Box envs in subprocesses logging what in-process envs log, bad input and the NaN
+stop. Under torchrun: tests/test_distributed.py."""
 
 import copy
 import json
@@ -369,6 +370,44 @@ def test_same_seed_same_metrics(tmp_path, monkeypatch, argv):
         for key in ("time", "sps"):
             first.pop(key), second.pop(key)
         assert first == second
+
+
+HOPPER_TWO_ITERATIONS = ["--env-id", "Hopper-v4", "--total-timesteps", "512", "--num-envs", "2", "--num-steps", "128",
+                         "--num-minibatches", "4", "--update-epochs", "2", "--ent-coef", "0"]
+
+
+@pytest.mark.parametrize("argv", [PENDULUM_TWO_ITERATIONS, HOPPER_TWO_ITERATIONS], ids=["pendulum", "hopper"])
+def test_box_envs_in_subprocesses_log_what_envs_in_this_process_log(tmp_path, monkeypatch, argv):
+    """Two Box envs step in subprocesses (AsyncVectorEnv); for the same seed every logged metric equals that of
+    the same run with the envs stepped in this process (SameStepVectorEnv). Pendulum's episodes end by the time
+    limit, Hopper's (mostly) by termination. Discrete envs always step in this process."""
+    made, runs = [], []
+    make_envs = ppo_penalty.make_envs
+
+    def in_subprocesses(args, run_name, discrete):
+        made.append(make_envs(args, run_name, discrete))
+        return made[-1]
+
+    def in_this_process(args, run_name, discrete):
+        made.append(ppo_penalty.SameStepVectorEnv([lambda: gym.make(args.env_id)] * args.num_envs))
+        return made[-1]
+
+    for name, make in (("subprocesses", in_subprocesses), ("this_process", in_this_process)):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        monkeypatch.setattr(ppo_penalty, "make_envs", make)
+        ppo_penalty.main(argv)
+        runs.append(read_metrics(run_dirs(tmp_path / name)[0]))
+    assert isinstance(made[0].unwrapped, gym.vector.AsyncVectorEnv)
+    assert isinstance(made[1], ppo_penalty.SameStepVectorEnv)
+    assert len(runs[0]) == 2 and sum(m["episodes"] for m in runs[0]) >= 2
+    for first, second in zip(*runs):
+        for key in ("time", "sps"):
+            first.pop(key), second.pop(key)
+        assert first == second
+    cartpole = make_envs(ppo_penalty.Args(num_envs=4), None, discrete=True)
+    assert isinstance(cartpole, ppo_penalty.SameStepVectorEnv)
+    cartpole.close()
 
 
 class CountingEnv(gym.Env):
