@@ -3,6 +3,9 @@ global batch, and what an update spends in communication per minibatch step.
 
     python benchmarks/scaling.py ppo_continuous.py --iterations 12 --repeats 2 --out benchmarks/results/scaling/ppo_continuous.json
     python benchmarks/scaling.py ppo_discrete.py --iterations 60 --repeats 2 --out benchmarks/results/scaling/ppo_discrete.json
+    python benchmarks/scaling.py trpo.py --processes-only --out benchmarks/results/scaling/trpo.json -- --env-id HalfCheetah-v4
+    python benchmarks/scaling.py ppo_penalty.py --processes-only --out benchmarks/results/scaling/ppo_penalty.json -- \
+        --env-id HalfCheetah-v4 --learning-rate 3e-4 --update-epochs 10 --num-minibatches 32 --ent-coef 0.0
 
 Each configuration trains the script with its defaults for --iterations iterations of the same global batch
 (the script's default num_envs x num_steps): one process with --num-envs 1, 2, 4, 8 (num_steps = batch / N), and
@@ -11,15 +14,22 @@ when the default is one env). The minibatch count stays the default, so the glob
 Runs alternate over the configurations --repeats times (drift hits all alike); the figure of a run is its
 median time per iteration, the first 3 left out (start-up, the first rollout), as SPS of the global batch.
 
-Then the communication: two gloo ranks on this machine time the collectives of one minibatch step (the
-gradients' all-reduce of the agent's size, and the two scalar all-reduces of the advantage normalisation),
-median over 2,000 steps. Nothing else should run meanwhile.
+--processes-only: just one process with the default envs and two with half of them each.
+
+Then the communication, two ways. For the PPO-Clip scripts, two gloo ranks on this machine time the collectives
+of one minibatch step alone (the gradients' all-reduce of the agent's size, and the advantage normalisation's),
+median over 2,000 steps. For every script, two gloo ranks train it for --collective-iterations iterations with
+every collective counted and timed where it is called (which helper, called from which function): the
+collectives an iteration makes, and what they cost inside a real run, waiting for the other rank included.
+Nothing else should run meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
+import importlib
 import json
 import os
 import statistics
@@ -35,13 +45,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compact import read_metrics  # noqa: E402
 from run import ROOT, machine, package_versions  # noqa: E402
 
-DEFAULTS = {"ppo_continuous.py": (1, 2048), "ppo_discrete.py": (4, 128)}  # (num_envs, num_steps) of the defaults
+# (num_envs, num_steps) of each script's defaults; ppo_penalty.py: its MuJoCo settings (benchmarks/RESULTS.md)
+DEFAULTS = {"ppo_continuous.py": (1, 2048), "ppo_discrete.py": (4, 128), "ppo_penalty.py": (1, 2048), "trpo.py": (2, 1024)}
 
 
-def configurations(script: str) -> list[dict]:
+def configurations(script: str, processes_only: bool) -> list[dict]:
     num_envs, num_steps = DEFAULTS[script]
     batch = num_envs * num_steps
-    configs = [{"processes": 1, "num_envs": n, "num_steps": batch // n} for n in (1, 2, 4, 8)]
+    env_counts = [num_envs] if processes_only else [1, 2, 4, 8]
+    configs = [{"processes": 1, "num_envs": n, "num_steps": batch // n} for n in env_counts]
+    if processes_only:
+        half = {"num_envs": num_envs // 2, "num_steps": num_steps} if num_envs >= 2 else {"num_envs": 1, "num_steps": batch // 2}
+        return configs + [{"processes": 2, **half}]
     if num_envs >= 2:
         configs.append({"processes": 2, "num_envs": num_envs // 2, "num_steps": num_steps})
     configs.append({"processes": 2, "num_envs": 1, "num_steps": batch // 2})
@@ -95,11 +110,44 @@ def communication(rank: int, world_size: int, port: int, script: str, out: str) 
     torch.distributed.destroy_process_group()
 
 
+def collectives(rank: int, world_size: int, port: int, script: str, flags: list[str], out: str) -> None:
+    """Train the script on two gloo ranks with torch.distributed's collectives wrapped: each call counted and
+    timed under 'helper <- caller' (the script's function that made the collective, and the one that called it)."""
+    sys.path.insert(0, str(ROOT))  # a spawned process starts with this file's folder only
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    seconds = collections.defaultdict(list)
+
+    def timed(collective):
+        def wrapper(*args, **kwargs):
+            helper = sys._getframe(1)
+            start = time.perf_counter()
+            result = collective(*args, **kwargs)
+            seconds[f"{helper.f_code.co_name} <- {helper.f_back.f_code.co_name}"].append(time.perf_counter() - start)
+            return result
+
+        return wrapper
+
+    for name in ("all_reduce", "all_gather", "barrier"):
+        setattr(torch.distributed, name, timed(getattr(torch.distributed, name)))
+    with tempfile.TemporaryDirectory() as cwd:
+        os.chdir(cwd)
+        summary_start = time.perf_counter()
+        importlib.import_module(Path(script).stem).main(flags)
+        wall = time.perf_counter() - summary_start
+    if rank == 0:
+        Path(out).write_text(json.dumps({"wall_s": wall, "sites": {
+            site: {"calls": len(v), "median_us": statistics.median(v) * 1e6, "total_ms": sum(v) * 1e3}
+            for site, v in sorted(seconds.items())}}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("script", choices=sorted(DEFAULTS))
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--processes-only", action="store_true")
+    parser.add_argument("--collective-iterations", type=int, default=4)
     parser.add_argument("--out", type=Path, default=None)
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
@@ -114,10 +162,24 @@ def main() -> None:
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "comm.json")
-        mp.start_processes(communication, args=(2, port, args.script, out_file), nprocs=2, start_method="spawn")
-        comm = json.loads(Path(out_file).read_text())
+        comm = None
+        if args.script.startswith("ppo_") and args.script != "ppo_penalty.py":
+            mp.start_processes(communication, args=(2, port, args.script, out_file), nprocs=2, start_method="spawn")
+            comm = json.loads(Path(out_file).read_text())
+        num_envs, num_steps = DEFAULTS[args.script]
+        batch = num_envs * num_steps
+        flags = [*extra, "--total-timesteps", str(batch * args.collective_iterations)]
+        if num_envs >= 2:
+            flags += ["--num-envs", str(num_envs // 2)]
+        else:
+            flags += ["--num-steps", str(num_steps // 2)]
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        mp.start_processes(collectives, args=(2, port, args.script, flags, out_file), nprocs=2, start_method="spawn")
+        in_a_run = {"flags": flags, "iterations": args.collective_iterations, **json.loads(Path(out_file).read_text())}
 
-    configs = configurations(args.script)
+    configs = configurations(args.script, args.processes_only)
     sps = {json.dumps(c): [] for c in configs}
     for repeat in range(args.repeats):
         for config in configs:
@@ -132,13 +194,20 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "runs": [{**json.loads(key), "sps": values} for key, values in sps.items()],
         "communication_us_per_minibatch_step": comm,
+        "collectives_in_a_run": in_a_run,
     }
     print(f"{'processes':>9} {'num_envs':>8} {'num_steps':>9}  SPS (each repeat)")
     for row in result["runs"]:
         print(f"{row['processes']:>9} {row['num_envs']:>8} {row['num_steps']:>9}  "
               + " / ".join(f"{v:,.0f}" for v in row["sps"]))
-    print(f"two gloo ranks, per minibatch step: gradients' all-reduce ({comm['parameters']} numbers) "
-          f"{comm['average_gradients']:.0f} us, advantage normalisation {comm['normalize_advantages_over_ranks']:.0f} us")
+    if comm:
+        print(f"two gloo ranks, per minibatch step: gradients' all-reduce ({comm['parameters']} numbers) "
+              f"{comm['average_gradients']:.0f} us, advantage normalisation {comm['normalize_advantages_over_ranks']:.0f} us")
+    iterations = in_a_run["iterations"]
+    print(f"collectives in {iterations} iterations on two ranks ({in_a_run['wall_s']:.1f} s):")
+    for site, row in in_a_run["sites"].items():
+        print(f"  {site:<55} {row['calls'] / iterations:7.1f} per iteration, median {row['median_us']:6.0f} us, "
+              f"{row['total_ms'] / iterations:7.1f} ms per iteration")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
