@@ -132,9 +132,9 @@ def collectives(rank: int, world_size: int, port: int, script: str, flags: list[
         setattr(torch.distributed, name, timed(getattr(torch.distributed, name)))
     with tempfile.TemporaryDirectory() as cwd:
         os.chdir(cwd)
-        summary_start = time.perf_counter()
+        start = time.perf_counter()
         importlib.import_module(Path(script).stem).main(flags)
-        wall = time.perf_counter() - summary_start
+        wall = time.perf_counter() - start
     if rank == 0:
         Path(out).write_text(json.dumps({"wall_s": wall, "sites": {
             site: {"calls": len(v), "median_us": statistics.median(v) * 1e6, "total_ms": sum(v) * 1e3}
