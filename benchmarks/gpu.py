@@ -1,5 +1,6 @@
-"""Steps per second of ppo_continuous.py (HalfCheetah-v4) and ppo_discrete.py (CartPole-v1) over a small grid:
-1 and 64 envs, 1 and 8 processes, with and without --cuda. Made for a GPU machine; runs on any (issue 25).
+"""Steps per second of ppo_continuous.py, ppo_penalty.py and trpo.py (HalfCheetah-v4) and ppo_discrete.py
+(CartPole-v1) over a small grid: 1 and 64 envs, 1 and 8 processes, with and without --cuda. Made for a GPU
+machine; runs on any (issues 25 and 26).
 
     python benchmarks/gpu.py --budget-s 240 --out benchmarks/results/gpu.json
 
@@ -7,7 +8,8 @@ Each point is one run of a script in a temporary folder of its own: 1 process is
 K processes are `python -m torch.distributed.run --standalone --nproc-per-node K script.py` (torchrun, with this
 Python's torch). The batch per process is fixed per script, so every point does the same update work per
 process: 2048 for HalfCheetah (ppo_continuous.py's default: 1 env x 2048 steps; 64 envs x 32 steps) and 8192 for
-CartPole (64 envs x ppo_discrete.py's default 128 steps; 1 env x 8192 steps). --total-timesteps is three
+CartPole (64 envs x ppo_discrete.py's default 128 steps; 1 env x 8192 steps). Each script keeps its other
+defaults; --scripts picks some of them. --total-timesteps is three
 iterations of the global batch (K x the batch per process; global_step counts every process's steps). The SPS is
 that of iterations 2 and 3: global steps over seconds between the ends of iterations 1 and 3, read from the
 run's metrics.jsonl, so start-up, env creation and the first iteration (CUDA context, first kernels) are left
@@ -41,20 +43,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {  # script: (env, batch per process)
     "ppo_continuous": ("HalfCheetah-v4", 2048),
     "ppo_discrete": ("CartPole-v1", 8192),
+    "ppo_penalty": ("HalfCheetah-v4", 2048),
+    "trpo": ("HalfCheetah-v4", 2048),
 }
+ASYNC_ENVS = {"ppo_continuous", "ppo_penalty"}  # step more than one MuJoCo env in subprocesses (AsyncVectorEnv)
 ITERATIONS = 3  # the first is start-up; the SPS is that of the other two
 MIN_POINT_S = 10.0  # a point is not started with less budget left than this
 STDERR_LINES = 15  # of a failed point, kept in the JSON
 
 
-def grid(processes: list[int], num_envs: list[int]) -> list[dict]:
+def grid(processes: list[int], num_envs: list[int], scripts: list[str]) -> list[dict]:
     """The points, most informative first: fewer processes before more, fewer envs before more, then each
     script without and with --cuda."""
     return [
         {"script": script, "env": SCRIPTS[script][0], "num_envs": n, "processes": k, "cuda": cuda}
         for k in processes
         for n in num_envs
-        for script in SCRIPTS
+        for script in scripts
         for cuda in (False, True)
     ]
 
@@ -177,8 +182,7 @@ def estimate(point: dict, done: list[dict]) -> float | None:
     cores = os.cpu_count() or 1
 
     def load(p: dict) -> float:
-        # ppo_continuous.py steps more than one env in worker processes (AsyncVectorEnv), ppo_discrete.py all in its own
-        per_process = p["num_envs"] + 1 if p["script"] == "ppo_continuous" and p["num_envs"] > 1 else 1
+        per_process = p["num_envs"] + 1 if p["script"] in ASYNC_ENVS and p["num_envs"] > 1 else 1
         return max(1.0, p["processes"] * per_process / cores)
 
     same = [p for p in done if p["status"] in ("ok", "failed", "timeout") and p["seconds"]
@@ -240,6 +244,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu.json", help="JSON file")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 8], help="processes per point (torchrun)")
     parser.add_argument("--num-envs", type=int, nargs="+", default=[1, 64], help="envs per process")
+    parser.add_argument("--scripts", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS), help="which scripts")
     args = parser.parse_args()
     start = time.monotonic()
     info = machine()  # before the points: it also tells whether CUDA is there
@@ -255,14 +260,14 @@ def main() -> None:
             "packages": package_versions(),
             "budget_s": args.budget_s,
             "seconds": round(time.monotonic() - start, 1),
-            "batch_per_process": {script: batch for script, (_, batch) in SCRIPTS.items()},
+            "batch_per_process": {script: SCRIPTS[script][1] for script in args.scripts},
             "points": done,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         return result
 
-    for point in grid(args.processes, args.num_envs):
+    for point in grid(args.processes, args.num_envs, args.scripts):
         left = args.budget_s - (time.monotonic() - start)
         needed = estimate(point, done)
         skip = None

@@ -167,12 +167,9 @@ def main() -> None:
             mp.start_processes(communication, args=(2, port, args.script, out_file), nprocs=2, start_method="spawn")
             comm = json.loads(Path(out_file).read_text())
         num_envs, num_steps = DEFAULTS[args.script]
-        batch = num_envs * num_steps
-        flags = [*extra, "--total-timesteps", str(batch * args.collective_iterations)]
-        if num_envs >= 2:
-            flags += ["--num-envs", str(num_envs // 2)]
-        else:
-            flags += ["--num-steps", str(num_steps // 2)]
+        two = configurations(args.script, processes_only=True)[-1]  # each rank: half the global batch
+        flags = [*extra, "--total-timesteps", str(num_envs * num_steps * args.collective_iterations),
+                 "--num-envs", str(two["num_envs"]), "--num-steps", str(two["num_steps"])]
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
