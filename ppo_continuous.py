@@ -49,6 +49,7 @@ from __future__ import annotations
 import collections
 import datetime
 import gc
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -59,7 +60,7 @@ import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -113,8 +114,13 @@ class Args:
     learning_rate: float = 3e-4
     """Adam step size (typical 1e-4 to 3e-4)"""
     num_envs: int = 1
-    """parallel environments (per rank under torchrun); 1 steps in this process (SameStepVectorEnv), more run in
-    subprocesses (AsyncVectorEnv)"""
+    """parallel environments (per rank under torchrun); with --env-backend gymnasium 1 steps in this process
+    (SameStepVectorEnv), more run in subprocesses (AsyncVectorEnv)"""
+    env_backend: Literal["gymnasium", "mujoco-batch"] = "gymnasium"
+    """gymnasium: gymnasium's envs, any env id. mujoco-batch: all --num-envs simulations in one mujoco.batch.Batch
+    stepped on C++ threads (HalfCheetah-v4, Hopper-v4, Walker2d-v4; the same numbers as gymnasium's envs)"""
+    env_threads: Optional[int] = None
+    """threads of --env-backend mujoco-batch; None: the cores available divided by the processes on this machine"""
     num_steps: int = 2048
     """steps per env per rollout; batch size = num_envs * num_steps (per rank; x ranks under torchrun)"""
     anneal_lr: bool = True
@@ -751,6 +757,22 @@ def check_args(args: Args) -> None:
     if args.compile and not (args.cuda and torch.cuda.is_available()) and not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")):
         raise ValueError("--compile on the CPU needs a C++ compiler (g++ or clang++) for torch.compile; install one "
                          "or drop --compile")
+    if args.env_threads is not None and args.env_backend != "mujoco-batch":
+        raise ValueError("--env-threads sets the threads of --env-backend mujoco-batch; drop it or add that flag")
+    if args.env_threads is not None and args.env_threads < 1:
+        raise ValueError(f"--env-threads must be >= 1, got {args.env_threads}")
+    if args.env_backend == "mujoco-batch":
+        if args.env_id not in MUJOCO_BATCH_TASKS:
+            raise ValueError(f"--env-backend mujoco-batch steps {', '.join(MUJOCO_BATCH_TASKS)}, not {args.env_id}; "
+                             f"use --env-backend gymnasium")
+        try:
+            import mujoco.batch  # noqa: F401
+        except ImportError:
+            found = importlib.metadata.version("mujoco") if importlib.util.find_spec("mujoco") else "none"
+            raise ValueError(f"--env-backend mujoco-batch needs MuJoCo >= 4.0 (mujoco.batch), found {found}: "
+                             f"pip install 'mujoco>=4.0'") from None
+        if args.capture_video:
+            raise ValueError("--capture-video records a gymnasium env: use it with --env-backend gymnasium")
     if args.capture_video:
         needed = ["moviepy"]
         if args.env_id in gym.registry and "classic_control" in str(gym.registry[args.env_id].entry_point):
@@ -1077,12 +1099,150 @@ def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
 
         return thunk
 
+    if args.env_backend == "mujoco-batch":
+        return MujocoBatchVectorEnv(args.env_id, args.num_envs, args.env_threads or default_env_threads())
     env_fns = [make_one(i) for i in range(args.num_envs)]
     if args.num_envs == 1:
         return SameStepVectorEnv(env_fns)
     env_fns = [ignore_stop_signals(fn) for fn in env_fns]  # Ctrl-C reaches the workers too; main() stops them
     envs = gym.vector.AsyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+# gymnasium's v4 locomotion tasks as their files define them (gymnasium/envs/mujoco/<name>_v4.py, defaults):
+# control cost weight, reset noise (qvel: normal or uniform), velocity clip in the observation, and the health
+# checks that end an episode (Hopper, Walker2d). Every v4 task has forward_reward_weight 1 and 1000-step episodes.
+MUJOCO_BATCH_TASKS = {
+    "HalfCheetah-v4": {"ctrl_cost_weight": 0.1, "reset_noise_scale": 0.1, "qvel_noise": "normal", "qvel_clip": None,
+                       "healthy_reward": None, "healthy_z": None, "healthy_angle": None, "healthy_state": None},
+    "Hopper-v4": {"ctrl_cost_weight": 1e-3, "reset_noise_scale": 5e-3, "qvel_noise": "uniform", "qvel_clip": 10.0,
+                  "healthy_reward": 1.0, "healthy_z": (0.7, float("inf")), "healthy_angle": (-0.2, 0.2),
+                  "healthy_state": (-100.0, 100.0)},
+    "Walker2d-v4": {"ctrl_cost_weight": 1e-3, "reset_noise_scale": 5e-3, "qvel_noise": "uniform", "qvel_clip": 10.0,
+                    "healthy_reward": 1.0, "healthy_z": (0.8, 2.0), "healthy_angle": (-1.0, 1.0),
+                    "healthy_state": None},
+}
+
+
+def default_env_threads() -> int:
+    """The cores this process may use, shared among the processes torchrun started on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+class MujocoBatchVectorEnv(gym.vector.VectorEnv):
+    """num_envs copies of a gymnasium v4 locomotion task (MUJOCO_BATCH_TASKS) as one mujoco.batch.Batch: the
+    physics of all of them steps in one call on num_threads C++ threads, the rewards, health checks and
+    observations are numpy over all envs at once. For the same seeds and actions it returns exactly what
+    SameStepVectorEnv and gymnasium's SyncVectorEnv(autoreset_mode=SAME_STEP) + RecordEpisodeStatistics return
+    (tests/test_mujoco_batch.py compares every array bit for bit): observations, rewards, terminated, truncated,
+    info["final_obs"] and info["episode"]; Batch steps each simulation as mj_step does, at any thread count.
+
+    What makes the numbers identical: the model, frame skip and initial state are taken from gymnasium's own env;
+    env i draws its reset noise from its own generator, seeded with seed + i as gymnasium seeds it and drawn in
+    gymnasium's order; the control cost is computed in the actions' dtype, as numpy computes it for one env;
+    the 1000-step time limit counts per env, as TimeLimit does. Needs MuJoCo >= 4.0 (mujoco.batch)."""
+
+    def __init__(self, env_id: str, num_envs: int, num_threads: int):
+        import mujoco
+        import mujoco.batch
+
+        self.task = MUJOCO_BATCH_TASKS[env_id]
+        template = gym.make(env_id)  # gymnasium's env: its model, frame skip, initial state, spaces, time limit
+        env = template.unwrapped
+        self.frame_skip, self.dt = env.frame_skip, env.dt  # dt = timestep * frame_skip, as the reward divides by it
+        self.init_qpos, self.init_qvel = env.init_qpos.copy(), env.init_qvel.copy()
+        self.max_episode_steps = template.spec.max_episode_steps
+        self.num_envs = n = num_envs
+        self.single_observation_space, self.single_action_space = env.observation_space, env.action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, n)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, n)
+        self.metadata = {"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+        self.render_mode = None
+        self.batch = mujoco.batch.Batch(env.model, n, nthread=num_threads, persistent=True)  # copies the model
+        template.close()
+        self.mjSTAGE_NONE = mujoco.mjtStage.mjSTAGE_NONE
+        self.qpos, self.qvel, self.ctrl = (self.batch.bind(name) for name in ("qpos", "qvel", "ctrl"))  # [n, ...] views
+        self.generators = [np.random.default_rng()] * n  # replaced by reset()
+        self.elapsed_steps = np.zeros(n, dtype=np.int64)
+        self.episode_return, self.episode_length = np.zeros(n), np.zeros(n, dtype=np.int64)
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        """Resets every env; env i gets seed + i, as in SyncVectorEnv."""
+        self.generators = [gym.utils.seeding.np_random(None if seed is None else seed + i)[0]
+                           for i in range(self.num_envs)]
+        self.reset_envs(np.arange(self.num_envs))
+        return self.observe(), {}
+
+    def step(self, actions: np.ndarray):
+        if np.shape(actions) != self.action_space.shape:
+            raise ValueError(f"actions must have shape {self.action_space.shape}, got {np.shape(actions)}")
+        task = self.task
+        x_before = self.qpos[:, 0].copy()
+        self.ctrl[:] = actions
+        self.batch.step(nstep=self.frame_skip)
+        forward_reward = 1.0 * ((self.qpos[:, 0] - x_before) / self.dt)  # forward_reward_weight * x_velocity
+        ctrl_cost = task["ctrl_cost_weight"] * np.sum(np.square(actions), axis=1)
+        if task["healthy_reward"] is None:  # HalfCheetah: never terminates
+            rewards = forward_reward - ctrl_cost
+            terminated = np.zeros(self.num_envs, dtype=bool)
+        else:  # terminate_when_unhealthy: the healthy reward is paid on every step, the last one included
+            rewards = (forward_reward + task["healthy_reward"]) - ctrl_cost
+            terminated = ~self.healthy()
+        self.elapsed_steps += 1
+        truncated = self.elapsed_steps >= self.max_episode_steps
+        self.episode_return += rewards
+        self.episode_length += 1
+        obs = self.observe()
+        info = {}
+        ended = terminated | truncated
+        if ended.any():  # SAME_STEP: the last observation goes to info, the env resets within this step
+            final_obs = np.full(self.num_envs, None, dtype=object)
+            ids = np.flatnonzero(ended)
+            for i in ids:
+                final_obs[i] = obs[i].copy()
+            info = {"final_obs": final_obs, "_final_obs": ended,
+                    "episode": {"r": np.where(ended, self.episode_return, 0.0),
+                                "l": np.where(ended, self.episode_length, 0)},
+                    "_episode": ended.copy()}
+            self.reset_envs(ids)
+            obs[ids] = self.observe()[ids]
+        return obs, rewards, terminated, truncated, info
+
+    def observe(self) -> np.ndarray:
+        """qpos without the x position, then qvel (Hopper, Walker2d: clipped to +-10): [n, obs_dim] float64."""
+        clip = self.task["qvel_clip"]
+        qvel = self.qvel if clip is None else np.clip(self.qvel, -clip, clip)
+        return np.concatenate([self.qpos[:, 1:], qvel], axis=1)
+
+    def healthy(self) -> np.ndarray:
+        """Hopper's and Walker2d's is_healthy for every env: height and angle (and Hopper's state) in range."""
+        task, qpos = self.task, self.qpos
+        (z_low, z_high), (angle_low, angle_high) = task["healthy_z"], task["healthy_angle"]
+        ok = (z_low < qpos[:, 1]) & (qpos[:, 1] < z_high) & (angle_low < qpos[:, 2]) & (qpos[:, 2] < angle_high)
+        if task["healthy_state"] is not None:
+            low, high = task["healthy_state"]
+            state = np.concatenate([qpos, self.qvel], axis=1)[:, 2:]
+            ok &= np.all((low < state) & (state < high), axis=1)
+        return ok
+
+    def reset_envs(self, ids: np.ndarray) -> None:
+        """gymnasium's reset for the envs in ids: mj_resetData, the initial state plus noise, mj_forward."""
+        scale = self.task["reset_noise_scale"]
+        self.batch.reset(ids, stage=self.mjSTAGE_NONE)
+        for i in ids:
+            rng = self.generators[i]
+            self.qpos[i] = self.init_qpos + rng.uniform(low=-scale, high=scale, size=len(self.init_qpos))
+            if self.task["qvel_noise"] == "normal":
+                self.qvel[i] = self.init_qvel + scale * rng.standard_normal(len(self.init_qvel))
+            else:
+                self.qvel[i] = self.init_qvel + rng.uniform(low=-scale, high=scale, size=len(self.init_qvel))
+        self.batch.forward(ids)
+        self.elapsed_steps[ids] = 0
+        self.episode_return[ids], self.episode_length[ids] = 0.0, 0
+
+    def close_extras(self, **kwargs) -> None:
+        self.batch = None  # its threads and simulations go with it
 
 
 def check_env(env_id: str) -> tuple[int, int, np.ndarray, np.ndarray]:
