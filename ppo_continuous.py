@@ -4,6 +4,8 @@ Run:
     python ppo_continuous.py                                     # HalfCheetah-v4, 1M steps, cleanrl's defaults
     python ppo_continuous.py --env-id Hopper-v4 --save-model     # any bounded-Box-action, flat-Box-observation env
     python ppo_continuous.py --num-envs 2                        # two envs in two processes (both cores step physics)
+    python ppo_continuous.py --env-backend mujoco-batch --num-envs 16 --num-steps 128 --num-minibatches 8
+                                                                 # the fast configuration: 16 envs on mujoco.batch
     python ppo_continuous.py --eval-checkpoint runs/<run_name>/ppo_continuous.pt   # evaluate a saved agent
     python ppo_continuous.py --help                              # every flag, with its meaning
     torchrun --standalone --nproc-per-node 2 ppo_continuous.py   # 2 processes: --num-envs, --num-steps per process

@@ -3,6 +3,11 @@
 machine; runs on any (issues 25 and 26).
 
     python benchmarks/gpu.py --budget-s 240 --out benchmarks/results/gpu.json
+    python benchmarks/gpu.py --fast-run --budget-s 360 --out benchmarks/results/gpu.json   # and issue 27's race
+
+--fast-run first trains ppo_continuous.py's fast configuration (benchmarks/SPEED.md: the physics of 16 envs on
+mujoco.batch's threads, one per core) on HalfCheetah-v4 for 1M steps, with --cuda where there is CUDA, and
+records the seconds until it reaches cleanrl's published 1M-step return (1442.64) and the return it ends at.
 
 Each point is one run of a script in a temporary folder of its own: 1 process is a plain `python script.py`,
 K processes are `python -m torch.distributed.run --standalone --nproc-per-node K script.py` (torchrun, with this
@@ -29,6 +34,7 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shlex
@@ -47,6 +53,10 @@ SCRIPTS = {  # script: (env, batch per process)
     "trpo": ("HalfCheetah-v4", 2048),
 }
 ASYNC_ENVS = {"ppo_continuous", "ppo_penalty"}  # step more than one MuJoCo env in subprocesses (AsyncVectorEnv)
+# ppo_continuous.py's fast configuration (benchmarks/SPEED.md) and the score it races to (issue 27)
+FAST_RUN = ["--env-id", "HalfCheetah-v4", "--env-backend", "mujoco-batch", "--num-envs", "16", "--num-steps", "128",
+            "--num-minibatches", "8", "--total-timesteps", "1000000", "--seed", "1"]
+CLEANRL_HALFCHEETAH = 1442.64  # cleanrl's published 1M-step return of ppo_continuous_action.py
 ITERATIONS = 3  # the first is start-up; the SPS is that of the other two
 MIN_POINT_S = 10.0  # a point is not started with less budget left than this
 STDERR_LINES = 15  # of a failed point, kept in the JSON
@@ -133,7 +143,40 @@ def shown(cmd: list[str]) -> str:
 
 def run_point(point: dict, timeout: float) -> dict:
     """Runs one point in a temporary folder, under `timeout` seconds; returns what to record of it."""
-    cmd = command(point)
+    result, rows = run_command(command(point), timeout)
+    if rows is None:
+        return result
+    times = [row["time"] for row in rows]
+    result["iteration_seconds"] = [round(b - a, 3) for a, b in zip([0.0] + times, times)]
+    result["sps"] = round((rows[-1]["global_step"] - rows[0]["global_step"]) / (times[-1] - times[0]), 1)
+    result["status"] = "ok"
+    batch = SCRIPTS[point["script"]][1]
+    if rows[0]["global_step"] != point["processes"] * batch:
+        result["note"] = (f"global_step after iteration 1 is {rows[0]['global_step']}, not processes x batch "
+                          f"= {point['processes'] * batch}")
+    return result
+
+
+def run_fast(cuda: bool, timeout: float) -> dict:
+    """ppo_continuous.py's fast configuration (benchmarks/SPEED.md), HalfCheetah-v4, seed 1, 1M steps: the
+    physics on mujoco.batch's threads (all cores), the learner on the GPU with --cuda. Records the seconds until
+    the mean return of the last 100 episodes first reaches cleanrl's published 1M-step return, and the end."""
+    cmd = [sys.executable, str(ROOT / "ppo_continuous.py"), *FAST_RUN] + (["--cuda"] if cuda else [])
+    result, rows = run_command(cmd, timeout)
+    result.update(cuda=cuda, threshold=CLEANRL_HALFCHEETAH)
+    if rows is None:
+        return result
+    reached = next((row for row in rows if (row.get("episodic_return_100") or -math.inf) >= CLEANRL_HALFCHEETAH), None)
+    result.update(status="ok", steps_to_threshold=reached and reached["global_step"],
+                  seconds_to_threshold=reached and round(reached["time"], 1),
+                  final_return_100=rows[-1]["episodic_return_100"], train_seconds=round(rows[-1]["time"], 1),
+                  sps=round(rows[-1]["sps"], 1))
+    return result
+
+
+def run_command(cmd: list[str], timeout: float) -> tuple[dict, list[dict] | None]:
+    """Runs a script's command in a temporary folder under `timeout` seconds: (what to record, the rows of its
+    metrics.jsonl), the rows None when it failed."""
     result = {"command": shown(cmd), "sps": None, "seconds": None, "iteration_seconds": None}
     with tempfile.TemporaryDirectory(prefix="gpu_bench_") as tmp:
         cwd = Path(tmp)
@@ -151,27 +194,19 @@ def run_point(point: dict, timeout: float) -> dict:
                     result.update(status="timeout", reason=f"killed after {timeout:.0f} s (the budget left)")
         result["seconds"] = round(time.monotonic() - start, 1)
         if "status" in result:
-            return result
+            return result, None
         if proc.returncode != 0:
             return {**result, "status": "failed", "reason": f"exit code {proc.returncode}",
-                    **stderr_of(cwd / "stderr.txt")}
+                    **stderr_of(cwd / "stderr.txt")}, None
         folders = sorted((cwd / "runs").glob("*/metrics.jsonl")) if (cwd / "runs").is_dir() else []
         if len(folders) != 1:
             return {**result, "status": "failed",
                     "reason": f"{len(folders)} run folders with a metrics.jsonl; one expected (only rank 0 writes)",
-                    **stderr_of(cwd / "stderr.txt")}
+                    **stderr_of(cwd / "stderr.txt")}, None
         rows = [json.loads(line) for line in folders[0].read_text().splitlines()]
     if len(rows) < 2:
-        return {**result, "status": "failed", "reason": f"{len(rows)} iterations logged; at least 2 needed"}
-    times = [row["time"] for row in rows]
-    result["iteration_seconds"] = [round(b - a, 3) for a, b in zip([0.0] + times, times)]
-    result["sps"] = round((rows[-1]["global_step"] - rows[0]["global_step"]) / (times[-1] - times[0]), 1)
-    result["status"] = "ok"
-    batch = SCRIPTS[point["script"]][1]
-    if rows[0]["global_step"] != point["processes"] * batch:
-        result["note"] = (f"global_step after iteration 1 is {rows[0]['global_step']}, not processes x batch "
-                          f"= {point['processes'] * batch}")
-    return result
+        return {**result, "status": "failed", "reason": f"{len(rows)} iterations logged; at least 2 needed"}, None
+    return result, rows
 
 
 def estimate(point: dict, done: list[dict]) -> float | None:
@@ -245,11 +280,14 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 8], help="processes per point (torchrun)")
     parser.add_argument("--num-envs", type=int, nargs="+", default=[1, 64], help="envs per process")
     parser.add_argument("--scripts", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS), help="which scripts")
+    parser.add_argument("--fast-run", action="store_true",
+                        help="first, ppo_continuous.py's fast configuration for 1M steps (--cuda where there is CUDA)")
     args = parser.parse_args()
     start = time.monotonic()
     info = machine()  # before the points: it also tells whether CUDA is there
     has_cuda = info["gpu"] is not None and not info["gpu"].startswith("unknown")
     done: list[dict] = []
+    fast: dict | None = None
 
     def write() -> dict:
         """The JSON, rewritten after every point: a grid stopped half-way keeps what it measured."""
@@ -262,11 +300,18 @@ def main() -> None:
             "seconds": round(time.monotonic() - start, 1),
             "batch_per_process": {script: SCRIPTS[script][1] for script in args.scripts},
             "points": done,
+            "fast_run": fast,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         return result
 
+    if args.fast_run:
+        print(f"running ppo_continuous.py {' '.join(FAST_RUN)}{' --cuda' if has_cuda else ''}", flush=True)
+        fast = run_fast(has_cuda, timeout=args.budget_s)
+        print(f"  {fast['status']}: {fast.get('seconds_to_threshold')} s to {CLEANRL_HALFCHEETAH}, "
+              f"final {fast.get('final_return_100')}, {fast['seconds']} s in all", flush=True)
+        write()
     for point in grid(args.processes, args.num_envs, args.scripts):
         left = args.budget_s - (time.monotonic() - start)
         needed = estimate(point, done)
