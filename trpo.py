@@ -4,6 +4,8 @@ Run:
     python trpo.py                                              # CartPole-v1, 500k steps, categorical policy
     python trpo.py --env-id Hopper-v4 --total-timesteps 1000000 # any bounded Box action space: Gaussian policy
     python trpo.py --eval-checkpoint runs/<run_name>/trpo.pt    # evaluate a saved agent
+    python trpo.py --save-every 50                              # a checkpoint every 50 iterations, then, after a kill:
+    python trpo.py --save-every 50 --resume runs/<run_name>/trpo.pt   # go on where it was
     torchrun --standalone --nproc-per-node 2 trpo.py --env-id Hopper-v4   # 2 processes, each with its own envs
     python trpo.py --help                                       # every flag, with its meaning
 
@@ -43,6 +45,7 @@ from __future__ import annotations
 import collections
 import datetime
 import gc
+import glob
 import importlib.util
 import json
 import math
@@ -87,7 +90,11 @@ class Args:
     capture_video: bool = False
     """record episodes of env 0 to videos/<run_name>/ (needs moviepy, and pygame for classic control)"""
     save_model: bool = False
-    """write runs/<run_name>/trpo.pt at the end (weights + normalisation statistics + args), then evaluate it"""
+    """write runs/<run_name>/trpo.pt at the end (everything --resume needs), then evaluate it"""
+    save_every: int = 0
+    """also write that checkpoint every this many iterations (0: never), replacing the last one atomically"""
+    resume: Optional[str] = None
+    """a checkpoint to go on from, in its run's folder, with the same flags (--total-timesteps may be raised)"""
     eval_checkpoint: Optional[str] = None
     """if set: no training; load this checkpoint, run --eval-episodes episodes and print mean/std return"""
     eval_episodes: int = 10
@@ -816,6 +823,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     # Every check happens before anything is written, so bad input leaves no run folder behind.
     try:
         check_args(args)
+        resume = load_resume(args)  # None without --resume
         obs_dim, action_space = check_env(args.env_id)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
@@ -828,12 +836,18 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     if num_iterations == 0:  # the same on every rank: all stop here, before any collective
         raise SystemExit(f"error: --total-timesteps {args.total_timesteps} is smaller than one batch of all "
                          f"{world_size} ranks ({batch_size * world_size} steps)")
+    if resume is not None and len(resume["ranks"]) != world_size:
+        raise SystemExit(f"error: {args.resume} holds {len(resume['ranks'])} ranks' envs; this run has {world_size}")
     run_name = run_dir = None  # only rank 0 writes: the run folder, metrics, wandb, videos, checkpoints
     if rank == 0:
         print(budget_line(args.total_timesteps, batch_size * world_size))
-        run_name, run_dir = make_run_dir(args.env_id, args.exp_name, args.seed)  # a new folder, never another run's
+        if resume is None:
+            run_name, run_dir = make_run_dir(args.env_id, args.exp_name, args.seed)  # a new folder, never another run's
+        else:  # the resumed run's own folder
+            run_dir = os.path.dirname(os.path.abspath(args.resume))
+            run_name = os.path.basename(run_dir)
         write_json(os.path.join(run_dir, "args.json"), asdict(args))
-    logger = Logger(args, run_dir, run_name)  # without a run_dir (ranks > 0) it writes and prints nothing
+    logger = Logger(args, run_dir, run_name, resume)  # without a run_dir (ranks > 0) it writes and prints nothing
     stop_signal = StopSignal()  # Ctrl-C or SIGTERM: finish the iteration, then save and close as at the end
 
     random.seed(args.seed)
@@ -878,9 +892,43 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     if obs_rms is not None:
         obs_rms.update(raw_obs)
     next_obs = observe(raw_obs)
-    global_step, start_time = 0, time.time()
+    global_step, start_time, first_iteration = 0, time.time(), 1
 
-    for iteration in range(1, num_iterations + 1):
+    def training_state(iteration: int) -> dict:
+        """Everything --resume needs to go on after `iteration`; every rank's envs and RNGs (a collective)."""
+        return {"script": SCRIPT, "args": asdict(args), "policy": cpu_weights(policy), "critic": cpu_weights(critic),
+                "critic_optimizer": critic_optimizer.state_dict(),
+                "obs_rms": obs_rms.state_dict() if obs_rms is not None else None,
+                "return_rms": reward_scaler.return_rms.state_dict() if reward_scaler is not None else None,
+                "iteration": iteration, "global_step": global_step, "time": time.time() - start_time,
+                "last_100": list(last_100), "wandb_id": logger.wandb_id,
+                "ranks": gather_objects({"rng": rng_state(), "envs": vector_env_state(envs), "next_obs": next_obs.cpu(),
+                                         "obs_rms_agreed": obs_rms_agreed,
+                                         "returns": reward_scaler.returns.cpu() if reward_scaler is not None else None},
+                                        world_size)}
+
+    if resume is not None:  # go on from the checkpoint: the same state, so the same run (restore_vector_env_state says so if not)
+        policy.load_state_dict(resume["policy"])
+        critic.load_state_dict(resume["critic"])
+        critic_optimizer.load_state_dict(resume["critic_optimizer"])
+        if obs_rms is not None:
+            obs_rms.load_state_dict(resume["obs_rms"])
+        if reward_scaler is not None:
+            reward_scaler.return_rms.load_state_dict(resume["return_rms"])
+        first_iteration, global_step = resume["iteration"] + 1, resume["global_step"]
+        start_time -= resume["time"]
+        last_100.extend(resume["last_100"])
+        mine = resume["ranks"][rank]
+        obs_rms_agreed = mine["obs_rms_agreed"]
+        if restore_vector_env_state(envs, mine["envs"]):
+            next_obs = mine["next_obs"].to(device)
+            if reward_scaler is not None:
+                reward_scaler.returns.copy_(mine["returns"])
+        else:  # new episodes: their first observations, normalised with the restored statistics
+            next_obs = observe(raw_obs)
+        set_rng_state(mine["rng"])
+
+    for iteration in range(first_iteration, num_iterations + 1):
         ended_return.fill(np.nan)
         truncated_at.zero_()
 
@@ -999,9 +1047,14 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             "episodic_length": float(ended_lengths.mean()) if len(ended) else None,
             "episodic_return_100": float(np.mean(last_100)) if last_100 else None,
         })
+        if args.save_every and iteration % args.save_every == 0:
+            state = training_state(iteration)  # every rank takes part
+            if rank == 0:
+                save_checkpoint(os.path.join(run_dir, f"{SCRIPT}.pt"), state)
         if any_rank(stop_signal.requested, device, world_size):  # torchrun: all ranks stop after the same iteration
             break
 
+    final_state = training_state(iteration) if args.save_model else None  # before the envs close: theirs is in it
     envs.close()
     teardown_distributed(world_size)
     if rank > 0:  # rank 0 writes the summary and the model, and says where they are
@@ -1016,14 +1069,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     }
     if args.save_model:
         path = os.path.join(run_dir, f"{SCRIPT}.pt")
-        torch.save({
-            "script": SCRIPT,
-            "policy": cpu_weights(policy),
-            "critic": cpu_weights(critic),
-            "obs_rms": obs_rms.state_dict() if obs_rms is not None else None,
-            "return_rms": reward_scaler.return_rms.state_dict() if reward_scaler is not None else None,
-            "args": asdict(args),
-        }, path)
+        save_checkpoint(path, final_state)
         eval_returns = evaluate(load_checkpoint(path), args.eval_episodes, args.seed, device)
         print(f"saved {path}; eval return {eval_returns.mean():.2f} +- {eval_returns.std():.2f} "
               f"over {args.eval_episodes} episodes")
@@ -1358,6 +1404,22 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
             self._obs[i] = obs
         return self._obs.copy(), rewards, terminated, truncated, info
 
+    def get_state(self) -> Optional[dict]:
+        """Everything needed to go on exactly (env_state of each env, the running episode statistics, the last
+        observations), or None when an env is of a kind env_state cannot capture."""
+        states = [env_state(env) for env in self.envs]
+        if any(state is None for state in states):
+            return None
+        return {"envs": states, "obs": torch.from_numpy(self._obs.copy()),
+                "episode_return": [float(r) for r in self._episode_return],  # numpy floats: not weights_only
+                "episode_length": [int(n) for n in self._episode_length]}
+
+    def set_state(self, state: dict) -> None:
+        for env, env_saved in zip(self.envs, state["envs"]):
+            restore_env_state(env, env_saved)
+        self._obs[:] = state["obs"].numpy()
+        self._episode_return, self._episode_length = list(state["episode_return"]), list(state["episode_length"])
+
     def close_extras(self, **kwargs) -> None:
         for env in self.envs:
             env.close()
@@ -1412,9 +1474,14 @@ class Logger:
     """Every iteration: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with
     --track. A wandb error is printed once and turns wandb off; it never stops training."""
 
-    def __init__(self, args: Args, run_dir: Optional[str], run_name: Optional[str]):
-        self.metrics_file = open(os.path.join(run_dir, "metrics.jsonl"), "w", buffering=1) if run_dir else None
-        self.wandb_run = None
+    def __init__(self, args: Args, run_dir: Optional[str], run_name: Optional[str], resume: Optional[dict] = None):
+        self.metrics_file = None
+        if run_dir:  # a resumed run keeps the rows up to its checkpoint and appends the rest
+            path = os.path.join(run_dir, "metrics.jsonl")
+            if resume is not None:
+                keep_metrics_until(path, resume["iteration"])
+            self.metrics_file = open(path, "w" if resume is None else "a", buffering=1)
+        self.wandb_run = self.wandb_id = None
         if args.track and run_dir:
             try:
                 import wandb
@@ -1422,7 +1489,9 @@ class Logger:
                 self.wandb_run = wandb.init(
                     project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
                     config=asdict(args), dir=run_dir,
+                    id=resume["wandb_id"] if resume else None, resume="allow" if resume else None,
                 )
+                self.wandb_id = self.wandb_run.id
             except Exception as err:  # any wandb failure (no login, no network, bad entity): keep training
                 print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
 
@@ -1476,6 +1545,183 @@ def load_checkpoint(path: str) -> dict:
     if script != SCRIPT:
         raise ValueError(f"{path} was written by {script or 'something else'}.py, not {SCRIPT}.py")
     return checkpoint
+
+
+def load_resume(args: Args) -> Optional[dict]:
+    """The checkpoint --resume names, checked against these flags; None without --resume. ValueError (one line)
+    for a file this script did not write, one without training state, a changed flag that would change the run,
+    or a budget already trained."""
+    if args.resume is None:
+        return None
+    checkpoint = load_checkpoint(args.resume)
+    if "iteration" not in checkpoint:
+        raise ValueError(f"{args.resume} holds no training state to resume (only weights)")
+    saved = checkpoint["args"]
+    changed = [name for name, value in asdict(args).items() if name not in RESUME_MAY_CHANGE and saved.get(name) != value]
+    if changed:
+        name = changed[0]
+        raise ValueError(f"--resume: --{name.replace('_', '-')} was {saved.get(name)!r} in that run, now "
+                         f"{getattr(args, name)!r}; a resumed run keeps its flags (only {', '.join(sorted(RESUME_MAY_CHANGE))} may change)")
+    batch = args.num_envs * args.num_steps * len(checkpoint["ranks"])
+    if checkpoint["iteration"] >= args.total_timesteps // batch:
+        raise ValueError(f"--resume: that run has trained {checkpoint['global_step']} of --total-timesteps "
+                         f"{args.total_timesteps} already; raise --total-timesteps to train on")
+    return checkpoint
+
+
+# Flags a resumed run may change: its budget and how it is saved, logged and run, never what it computes.
+RESUME_MAY_CHANGE = {"total_timesteps", "resume", "save_every", "save_model", "track", "wandb_project_name",
+                     "wandb_entity", "capture_video", "eval_checkpoint", "eval_episodes", "dist_timeout_s", "cuda",
+                     "torch_threads", "env_threads"}
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """torch.save(checkpoint, path) such that a kill at any moment leaves the previous file or the new one, never
+    a broken one: written to a temporary file in the same folder, flushed and fsynced, then renamed over path
+    (os.replace: atomic on POSIX and Windows), then the folder fsynced so that the rename survives a crash.
+    A temporary file left by a killed earlier write is removed first."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        os.remove(stale)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def keep_metrics_until(path: str, iteration: int) -> None:
+    """Drop the rows of a metrics.jsonl past `iteration` (logged after the checkpoint a run resumes from) and a
+    last line cut off by a kill; rewritten atomically. Then the resumed run appends iteration + 1, ..."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut off by a kill: the last one
+                    break
+                if row["iteration"] > iteration:
+                    break
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    """The states of python's, numpy's and torch's global generators, as plain numbers and tensors (so that a
+    checkpoint loads with weights_only=True)."""
+    version, python_state, gauss_next = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": torch.tensor(python_state, dtype=torch.int64), "python_version": version,
+            "python_gauss_next": gauss_next, "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+            "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached_gaussian": float(cached_gaussian),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss_next"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def generator_state(generator: np.random.Generator) -> str:
+    """A numpy Generator's state (PCG64's 128-bit integers included) as a JSON string."""
+    return json.dumps(generator.bit_generator.state)
+
+
+def set_generator_state(generator: np.random.Generator, state: str) -> None:
+    generator.bit_generator.state = json.loads(state)
+
+
+def env_state(env: gym.Env) -> Optional[dict]:
+    """What one gymnasium env needs to go on exactly: its TimeLimit counter, its generator, and its physics
+    (MuJoCo's integration state from mj_getState, the solver's warm start included; a classic-control env's
+    `state` and the attributes its step reads). None for an env of another kind."""
+    inner = env.unwrapped
+    elapsed = None
+    wrapper = env
+    while isinstance(wrapper, gym.Wrapper):
+        if isinstance(wrapper, gym.wrappers.TimeLimit):
+            elapsed = wrapper._elapsed_steps
+        wrapper = wrapper.env
+    if hasattr(inner, "model") and hasattr(inner, "data") and type(inner).__module__.startswith("gymnasium.envs.mujoco"):
+        import mujoco
+
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        physics = np.empty(mujoco.mj_stateSize(inner.model, spec))
+        mujoco.mj_getState(inner.model, inner.data, physics, spec)
+        attributes = {"mujoco_integration_state": torch.from_numpy(physics)}
+    elif type(inner).__module__.startswith("gymnasium.envs.classic_control"):
+        attributes = {name: torch.from_numpy(np.array(value)) if isinstance(value, (np.ndarray, np.generic, tuple))
+                      else value  # a tensor for arrays and numpy scalars (weights_only), else None or a number
+                      for name in ("state", "steps_beyond_terminated", "last_u") if hasattr(inner, name)
+                      for value in [getattr(inner, name)]}
+    else:
+        return None
+    return {"elapsed_steps": elapsed, "np_random": generator_state(inner.np_random), "attributes": attributes}
+
+
+def restore_env_state(env: gym.Env, state: dict) -> None:
+    inner = env.unwrapped
+    wrapper = env
+    while isinstance(wrapper, gym.Wrapper):
+        if isinstance(wrapper, gym.wrappers.TimeLimit):
+            wrapper._elapsed_steps = state["elapsed_steps"]
+        wrapper = wrapper.env
+    set_generator_state(inner.np_random, state["np_random"])
+    for name, value in state["attributes"].items():
+        if name == "mujoco_integration_state":
+            import mujoco
+
+            mujoco.mj_setState(inner.model, inner.data, value.numpy(), mujoco.mjtState.mjSTATE_INTEGRATION)
+            mujoco.mj_forward(inner.model, inner.data)  # the derived quantities of that state, as after a step
+        else:
+            if isinstance(value, torch.Tensor):
+                value = value.numpy().copy()
+                value = value if value.ndim else value[()]  # a numpy scalar back as one
+            setattr(inner, name, value)
+
+
+def vector_env_state(envs: gym.vector.VectorEnv) -> Optional[dict]:
+    """The vector env's state (its get_state()), or None when it has none (resume then starts new episodes)."""
+    return envs.get_state() if hasattr(envs, "get_state") else None
+
+
+def restore_vector_env_state(envs: gym.vector.VectorEnv, state: Optional[dict]) -> bool:
+    """Put the envs where the checkpoint left them; False, with a one-line notice, when they cannot be (then they
+    start new episodes, and everything else still goes on exactly)."""
+    if state is None or not hasattr(envs, "set_state"):
+        print("--resume: these envs cannot be restored; the resumed run starts new episodes")
+        return False
+    envs.set_state(state)
+    return True
+
+
+def gather_objects(obj, world_size: int) -> list:
+    """[rank 0's obj, rank 1's, ...] on every rank (all_gather_object: pickled in flight, under the group's
+    timeout); [obj] in a plain run."""
+    if world_size == 1:
+        return [obj]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
 
 
 def evaluate(checkpoint: dict, episodes: int, seed: int, device: torch.device) -> np.ndarray:
