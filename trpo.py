@@ -847,7 +847,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
             run_dir = os.path.dirname(os.path.abspath(args.resume))
             run_name = os.path.basename(run_dir)
         write_json(os.path.join(run_dir, "args.json"), asdict(args))
-    logger = Logger(args, run_dir, run_name, resume)  # without a run_dir (ranks > 0) it writes and prints nothing
+    logger = Logger(args, run_dir, run_name, num_iterations, resume)  # without a run_dir (ranks > 0) it writes and prints nothing
     stop_signal = StopSignal()  # Ctrl-C or SIGTERM: finish the iteration, then save and close as at the end
 
     random.seed(args.seed)
@@ -1474,7 +1474,9 @@ class Logger:
     """Every iteration: one line on stdout, one JSON line in runs/<run_name>/metrics.jsonl, and wandb with
     --track. A wandb error is printed once and turns wandb off; it never stops training."""
 
-    def __init__(self, args: Args, run_dir: Optional[str], run_name: Optional[str], resume: Optional[dict] = None):
+    def __init__(self, args: Args, run_dir: Optional[str], run_name: Optional[str], num_iterations: int,
+                 resume: Optional[dict] = None):
+        self.num_iterations = num_iterations  # for the stdout line: iteration i of n, the time left
         self.metrics_file = None
         if run_dir:  # a resumed run keeps the rows up to its checkpoint and appends the rest
             path = os.path.join(run_dir, "metrics.jsonl")
@@ -1505,10 +1507,11 @@ class Logger:
 
         line_search = f"{metrics['backtracks']} backtracks" if metrics["step_accepted"] else "step REJECTED"
         print(
-            f"iter {metrics['iteration']:>4} step {metrics['global_step']:>8} | "
+            f"iter {metrics['iteration']:>4}/{self.num_iterations} step {metrics['global_step']:>8} | "
             f"return {show('episodic_return', '6.1f')} (last 100: {show('episodic_return_100', '6.1f')}) | "
             f"kl {metrics['kl']:.4f} {line_search} ent {show('entropy', '.3f')} "
-            f"ev {show('explained_variance', '5.2f')} | sps {metrics['sps']:.0f}"
+            f"ev {show('explained_variance', '5.2f')} | sps {metrics['sps']:.0f} | "
+            f"{metrics['time']:.0f} s, ~{self.seconds_left(metrics):.0f} s left"
         )
         if self.wandb_run is not None:
             try:
@@ -1516,6 +1519,11 @@ class Logger:
             except Exception as err:  # see __init__: training matters more than the dashboard
                 print(f"wandb disabled, training goes on: {type(err).__name__}: {err}")
                 self.wandb_run = None
+
+    def seconds_left(self, metrics: dict) -> float:
+        """The iterations still to run at this run's speed so far (the batch is the same every iteration)."""
+        steps_per_iteration = metrics["global_step"] / metrics["iteration"]
+        return (self.num_iterations - metrics["iteration"]) * steps_per_iteration / metrics["sps"]
 
     def close(self) -> None:
         if self.metrics_file is not None:
