@@ -185,3 +185,26 @@ def test_an_extended_budget_trains_on_in_the_same_folder(tmp_path, monkeypatch, 
     summary = ppo_discrete.main(["--total-timesteps", "2048", "--resume", str(copy)])
     assert summary["global_step"] == 2048 and summary["iterations"] == 4
     assert [json.loads(line)["iteration"] for line in (copy.parent / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_two_ranks_resume_exactly_and_a_changed_rank_count_is_refused(tmp_path):
+    """torchrun, 2 ranks, ppo_discrete.py without LR annealing (so a budget extended on resume trains as the
+    longer run would): 2 iterations, then --resume to 4, logs what 4 iterations straight log; the 2-rank checkpoint
+    resumed by one process is refused in one line."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                str(ROOT / "ppo_discrete.py"), "--no-anneal-lr", "--save-every", "1"]
+    for name, budget in (("straight", "4096"), ("resumed", "2048")):
+        (tmp_path / name).mkdir()
+        done = subprocess.run([*launcher, "--total-timesteps", budget], cwd=tmp_path / name, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint = next((tmp_path / "resumed").glob("runs/*/ppo_discrete.pt"))
+    done = subprocess.run([*launcher, "--total-timesteps", "4096", "--resume", str(checkpoint)],
+                          cwd=tmp_path / "resumed", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    straight, resumed = (metric_rows(only_run_dir(tmp_path / name)) for name in ("straight", "resumed"))
+    assert [row["iteration"] for row in resumed] == [1, 2, 3, 4] and resumed == straight
+    one = subprocess.run([sys.executable, str(ROOT / "ppo_discrete.py"), "--no-anneal-lr", "--save-every", "1",
+                          "--total-timesteps", "8192", "--resume", str(checkpoint)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode != 0 and one.stderr.strip() == f"error: {checkpoint} holds 2 ranks' envs; this run has 1"
