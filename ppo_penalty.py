@@ -1232,6 +1232,39 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
             env.close()
 
 
+class ResumableEnv(gym.Wrapper):
+    """One env of an AsyncVectorEnv whose state the main process can read and set (see
+    ResumableEpisodeStatistics): AsyncVectorEnv.call(name, ...) calls this wrapper's method in the env's process."""
+
+    def __init__(self, env: gym.Env, index: int):
+        super().__init__(env)
+        self.index = index  # which entry of a list of every env's states is this env's
+
+    def get_state(self) -> Optional[dict]:
+        return env_state(self.env)
+
+    def set_state(self, states: list) -> None:
+        restore_env_state(self.env, states[self.index])
+
+
+class ResumableEpisodeStatistics(gym.wrappers.vector.RecordEpisodeStatistics):
+    """gymnasium's RecordEpisodeStatistics over an AsyncVectorEnv of ResumableEnvs, with the vector env's
+    get_state/set_state: every env's state, read and set in its own process, and the running episode returns and
+    lengths (its episode clocks restart: info["episode"]["t"] is not used here)."""
+
+    def get_state(self) -> Optional[dict]:
+        states = self.env.call("get_state")
+        if any(state is None for state in states):
+            return None
+        return {"envs": list(states), "episode_return": torch.from_numpy(self.episode_returns.copy()),
+                "episode_length": torch.from_numpy(self.episode_lengths.astype(np.int64))}
+
+    def set_state(self, state: dict) -> None:
+        self.env.call("set_state", state["envs"])
+        self.episode_returns[:] = state["episode_return"].numpy()
+        self.episode_lengths[:] = state["episode_length"].numpy()
+
+
 def make_envs(args: Args, run_name: Optional[str], discrete: bool) -> gym.vector.VectorEnv:
     """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
     next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
@@ -1256,9 +1289,13 @@ def make_envs(args: Args, run_name: Optional[str], discrete: bool) -> gym.vector
     env_fns = [make_one(i) for i in range(args.num_envs)]
     if discrete or args.num_envs == 1:
         return SameStepVectorEnv(env_fns)
-    env_fns = [ignore_stop_signals(fn) for fn in env_fns]  # Ctrl-C reaches the workers too; main() stops them
-    envs = gym.vector.AsyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+    def resumable(index: int):  # in the worker: the env, with get_state/set_state for --save-every and --resume
+        return lambda: ResumableEnv(env_fns[index](), index)
+
+    # Ctrl-C reaches the workers too; main() stops them
+    envs = gym.vector.AsyncVectorEnv([ignore_stop_signals(resumable(i)) for i in range(args.num_envs)],
+                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    return ResumableEpisodeStatistics(envs)
 
 
 def check_env(env_id: str) -> tuple[int, int, bool]:

@@ -25,7 +25,7 @@ SHARED_DEFINITIONS = [
     "any_rank", "gather_episodes", "teardown_distributed", "merge_statistics_over_ranks", "ignore_stop_signals",
     "cpu_weights", "load_resume", "save_checkpoint", "keep_metrics_until", "rng_state",
     "set_rng_state", "generator_state", "set_generator_state", "env_state", "restore_env_state", "vector_env_state",
-    "restore_vector_env_state", "gather_objects",
+    "restore_vector_env_state", "gather_objects", "ResumableEnv", "ResumableEpisodeStatistics",
 ]
 
 

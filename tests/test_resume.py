@@ -35,6 +35,8 @@ RUNS = [
                    "--update-epochs", "2", "--total-timesteps", "2560"]),
     (trpo, ["--env-id", "HalfCheetah-v4", "--num-steps", "128", "--total-timesteps", "2560"]),
     (trpo, ["--env-id", "CartPole-v1", "--num-steps", "256", "--total-timesteps", "5120"]),
+    (ppo_continuous, ["--env-id", "Hopper-v4", "--num-envs", "2", "--num-steps", "128", "--num-minibatches", "4",
+                      "--update-epochs", "2", "--total-timesteps", "2560"]),  # AsyncVectorEnv: envs in subprocesses
 ]
 
 
@@ -51,7 +53,8 @@ def only_run_dir(cwd: Path) -> Path:
 
 
 @pytest.mark.parametrize("module,flags", RUNS, ids=["cartpole", "halfcheetah", "hopper-mujoco-batch",
-                                                          "penalty-halfcheetah", "trpo-halfcheetah", "trpo-cartpole"])
+                                                          "penalty-halfcheetah", "trpo-halfcheetah", "trpo-cartpole",
+                                                          "hopper-subprocesses"])
 def test_a_resumed_run_logs_exactly_what_the_straight_run_logs(tmp_path, monkeypatch, module, flags):
     (tmp_path / "straight").mkdir()
     monkeypatch.chdir(tmp_path / "straight")
