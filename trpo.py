@@ -1661,13 +1661,7 @@ def env_state(env: gym.Env) -> Optional[dict]:
     """What one gymnasium env needs to go on exactly: its TimeLimit counter, its generator, and its physics
     (MuJoCo's integration state from mj_getState, the solver's warm start included; a classic-control env's
     `state` and the attributes its step reads). None for an env of another kind."""
-    inner = env.unwrapped
-    elapsed = None
-    wrapper = env
-    while isinstance(wrapper, gym.Wrapper):
-        if isinstance(wrapper, gym.wrappers.TimeLimit):
-            elapsed = wrapper._elapsed_steps
-        wrapper = wrapper.env
+    inner, time_limit = env.unwrapped, find_time_limit(env)
     if hasattr(inner, "model") and hasattr(inner, "data") and type(inner).__module__.startswith("gymnasium.envs.mujoco"):
         import mujoco
 
@@ -1676,22 +1670,31 @@ def env_state(env: gym.Env) -> Optional[dict]:
         mujoco.mj_getState(inner.model, inner.data, physics, spec)
         attributes = {"mujoco_integration_state": torch.from_numpy(physics)}
     elif type(inner).__module__.startswith("gymnasium.envs.classic_control"):
-        attributes = {name: torch.from_numpy(np.array(value)) if isinstance(value, (np.ndarray, np.generic, tuple))
-                      else value  # a tensor for arrays and numpy scalars (weights_only), else None or a number
-                      for name in ("state", "steps_beyond_terminated", "last_u") if hasattr(inner, name)
-                      for value in [getattr(inner, name)]}
+        attributes = {}
+        for name in ("state", "steps_beyond_terminated", "last_u"):
+            if hasattr(inner, name):
+                value = getattr(inner, name)  # arrays and numpy scalars as tensors (weights_only); None, numbers as is
+                is_array = isinstance(value, (np.ndarray, np.generic, tuple))
+                attributes[name] = torch.from_numpy(np.array(value)) if is_array else value
     else:
         return None
+    elapsed = None if time_limit is None else time_limit._elapsed_steps
     return {"elapsed_steps": elapsed, "np_random": generator_state(inner.np_random), "attributes": attributes}
 
 
+def find_time_limit(env: gym.Env) -> Optional[gym.wrappers.TimeLimit]:
+    """The TimeLimit wrapper in env's stack (it counts the episode's steps), or None."""
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, gym.wrappers.TimeLimit):
+            return env
+        env = env.env
+    return None
+
+
 def restore_env_state(env: gym.Env, state: dict) -> None:
-    inner = env.unwrapped
-    wrapper = env
-    while isinstance(wrapper, gym.Wrapper):
-        if isinstance(wrapper, gym.wrappers.TimeLimit):
-            wrapper._elapsed_steps = state["elapsed_steps"]
-        wrapper = wrapper.env
+    inner, time_limit = env.unwrapped, find_time_limit(env)
+    if time_limit is not None:
+        time_limit._elapsed_steps = state["elapsed_steps"]
     set_generator_state(inner.np_random, state["np_random"])
     for name, value in state["attributes"].items():
         if name == "mujoco_integration_state":

@@ -24,7 +24,7 @@ SHARED_DEFINITIONS = [
     "setup_distributed", "mean_over_ranks", "gather_over_ranks", "normalize_advantages_over_ranks", "average_gradients",
     "any_rank", "gather_episodes", "teardown_distributed", "merge_statistics_over_ranks", "ignore_stop_signals",
     "cpu_weights", "load_resume", "save_checkpoint", "keep_metrics_until", "rng_state",
-    "set_rng_state", "generator_state", "set_generator_state", "env_state", "restore_env_state", "vector_env_state",
+    "set_rng_state", "generator_state", "set_generator_state", "env_state", "find_time_limit", "restore_env_state", "vector_env_state",
     "restore_vector_env_state", "gather_objects", "ResumableEnv", "ResumableEpisodeStatistics",
 ]
 
