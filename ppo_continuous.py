@@ -101,7 +101,7 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team or user); None: your default entity"""
     capture_video: bool = False
-    """record episodes of env 0 to videos/<run_name>/ (needs moviepy; MuJoCo rendering may need MUJOCO_GL=egl)"""
+    """record episodes of env 0 to videos/<run_name>/ (needs moviepy; with no display MuJoCo renders through EGL)"""
     save_model: bool = False
     """write runs/<run_name>/ppo_continuous.pt at the end (everything --resume needs), then evaluate it"""
     save_every: int = 0
@@ -1172,6 +1172,19 @@ class ResumableEpisodeStatistics(gym.wrappers.vector.RecordEpisodeStatistics):
         self.episode_lengths[:] = state["episode_length"].numpy()
 
 
+def render_offscreen_if_headless(env_id: str) -> None:
+    """MuJoCo draws its frames with OpenGL. Without a display, gymnasium's first choice (GLFW) gives no context
+    and recording fails (or, in older stacks, writes black videos: cleanrl #468). So on a machine with no
+    DISPLAY, and unless MUJOCO_GL says otherwise, render offscreen through EGL (Mesa provides it without a GPU;
+    MUJOCO_GL=osmesa picks OSMesa instead). gymnasium reads MUJOCO_GL when the first frame is drawn, in
+    whichever process draws it, so setting it before the envs exist is enough."""
+    is_mujoco = env_id in gym.registry and "mujoco" in str(gym.registry[env_id].entry_point)
+    headless = not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")
+    if is_mujoco and headless and "MUJOCO_GL" not in os.environ:
+        os.environ["MUJOCO_GL"] = "egl"
+        print("--capture-video: no display, MuJoCo renders offscreen with EGL (MUJOCO_GL=egl)")
+
+
 def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
     """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
     next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
@@ -1180,6 +1193,8 @@ def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
     One env (the default) steps in this process (SameStepVectorEnv). More than one run each in its own process
     (AsyncVectorEnv): MuJoCo physics is most of a step's cost, and this way two envs step on two cores at once.
     No other wrappers: clipping and normalisation happen in main(), their statistics on the device."""
+    if args.capture_video:
+        render_offscreen_if_headless(args.env_id)
 
     def make_one(index: int):
         def thunk():

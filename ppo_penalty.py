@@ -1265,6 +1265,19 @@ class ResumableEpisodeStatistics(gym.wrappers.vector.RecordEpisodeStatistics):
         self.episode_lengths[:] = state["episode_length"].numpy()
 
 
+def render_offscreen_if_headless(env_id: str) -> None:
+    """MuJoCo draws its frames with OpenGL. Without a display, gymnasium's first choice (GLFW) gives no context
+    and recording fails (or, in older stacks, writes black videos: cleanrl #468). So on a machine with no
+    DISPLAY, and unless MUJOCO_GL says otherwise, render offscreen through EGL (Mesa provides it without a GPU;
+    MUJOCO_GL=osmesa picks OSMesa instead). gymnasium reads MUJOCO_GL when the first frame is drawn, in
+    whichever process draws it, so setting it before the envs exist is enough."""
+    is_mujoco = env_id in gym.registry and "mujoco" in str(gym.registry[env_id].entry_point)
+    headless = not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")
+    if is_mujoco and headless and "MUJOCO_GL" not in os.environ:
+        os.environ["MUJOCO_GL"] = "egl"
+        print("--capture-video: no display, MuJoCo renders offscreen with EGL (MUJOCO_GL=egl)")
+
+
 def make_envs(args: Args, run_name: Optional[str], discrete: bool) -> gym.vector.VectorEnv:
     """Vector env with SAME_STEP autoreset: when an episode ends, step() returns the first observation of the
     next episode and puts the last one in info["final_obs"]. So obs[t] -> obs[t+1] is never a fake transition
@@ -1276,6 +1289,8 @@ def make_envs(args: Args, run_name: Optional[str], discrete: bool) -> gym.vector
     (classic control) take less time to step than a round trip through a worker's pipe, so subprocesses would
     only slow them down. Either way the same seeds give the same transitions: the logged metrics do not depend on
     where the envs step (a test compares them)."""
+    if args.capture_video:
+        render_offscreen_if_headless(args.env_id)
 
     def make_one(index: int):
         def thunk():

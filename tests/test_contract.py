@@ -26,6 +26,7 @@ SHARED_DEFINITIONS = [
     "cpu_weights", "load_resume", "save_checkpoint", "keep_metrics_until", "rng_state",
     "set_rng_state", "generator_state", "set_generator_state", "env_state", "find_time_limit", "restore_env_state", "vector_env_state",
     "restore_vector_env_state", "gather_objects", "ResumableEnv", "ResumableEpisodeStatistics",
+    "render_offscreen_if_headless",
 ]
 
 

@@ -10,7 +10,8 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")  # [text](target) and ![alt](target)
 
 
 def test_readme_is_short():
-    assert len(README.splitlines()) <= 220, "the README is for users: the record goes to benchmarks/*.md"
+    # 220 lines, plus the ~15 that issues 29 (RLHF methods) and 30 (the article's figures) each allow
+    assert len(README.splitlines()) <= 250, "the README is for users: the record goes to benchmarks/*.md"
 
 
 def test_every_relative_link_in_the_readme_exists():
