@@ -62,7 +62,7 @@ import signal
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -145,11 +145,20 @@ class Args:
     rm_learning_rate: float = 3e-4
     """Adam step size of the reward model (tuned on the toy: 1e-3 overfits the noisy labels)"""
 
-    # Stage 3: PPO against the proxy reward (defaults: trl's PPO and Ziegler et al. 2019 where they apply)
+    # Stage 3: the online method against a reward (defaults: trl's PPO and Ziegler et al. 2019 where they apply)
+    algo: Literal["ppo", "grpo", "rloo"] = "ppo"
+    """the online method: ppo (value model, GAE over tokens, KL to pi_ref in the reward), grpo (group-normalised
+    rewards, KL to pi_ref in the loss, no value model) or rloo (leave-one-out baseline, KL in the reward)"""
+    reward: Literal["model", "gold"] = "model"
+    """what the online method maximises: the learnt Bradley-Terry proxy (RLHF), or gold, the hidden true reward
+    itself, as a verifier gives it (RL with a verifiable reward). The reward model is trained either way (it
+    starts the value model and is always logged as the proxy)"""
+    group_size: int = 8
+    """grpo and rloo: responses sampled per prompt (a group); must divide --rollout-batch-size"""
     ppo_iterations: int = 60
-    """PPO iterations (rollout + update)"""
+    """iterations (rollout + update) of the online method"""
     rollout_batch_size: int = 256
-    """prompts per iteration, one sampled response each"""
+    """responses per iteration (ppo: one per prompt; grpo, rloo: --group-size per prompt)"""
     learning_rate: float = 1e-4
     """Adam step size of the policy and the value model (tuned on the toy; approx KL per update ~0.015)"""
     anneal_lr: bool = False
@@ -192,17 +201,29 @@ class Args:
     missing_eos_reward: float = -1.0
     """score given, instead of the reward model's, to a response without EOS (Ziegler et al. used -1)"""
 
-    # Stage 4: DPO on the same preference pairs
+    # Stage 4: the direct methods, each from pi_ref on the same preference pairs
+    direct: tuple[Literal["dpo", "ipo", "kto"], ...] = ("dpo",)
+    """the direct methods to run after the online one, each a policy of its own (--direct with nothing: none)"""
     dpo_beta: float = 0.1
     """DPO's beta: the strength of the implicit KL to pi_ref (Rafailov et al.: 0.1)"""
-    dpo_epochs: int = 8
-    """passes over the training pairs"""
-    dpo_batch_size: int = 64
-    """pairs per DPO step"""
-    dpo_learning_rate: float = 1e-4
-    """Adam step size of DPO (tuned on the toy: 3e-4 over-optimises too, gold peaks then falls)"""
-    dpo_eval_every: int = 16
-    """DPO steps between evaluations (gold, proxy, KL on --rollout-batch-size fresh samples)"""
+    ipo_tau: float = 0.5
+    """IPO's tau: the loss pulls the margin of length-averaged log-ratios to 1 / (2 tau) (tuned on the toy:
+    TRL's 0.1 asks for a margin of 5 nats per token, far past where the gold reward peaks here)"""
+    kto_beta: float = 0.1
+    """KTO's beta (Ethayarajh et al.: 0.1)"""
+    kto_desirable_weight: float = 1.0
+    """KTO's lambda_D; with paired data as here, as many desirable as undesirable responses, 1 and 1 (TRL)"""
+    kto_undesirable_weight: float = 1.0
+    """KTO's lambda_U"""
+    direct_epochs: int = 8
+    """passes over the training pairs, for each direct method"""
+    direct_batch_size: int = 64
+    """pairs per step (KTO: both responses of each pair, as single labelled responses)"""
+    direct_learning_rate: float = 1e-4
+    """Adam step size of the direct methods (tuned on the toy for DPO: 3e-4 over-optimises too, gold peaks then
+    falls)"""
+    direct_eval_every: int = 16
+    """steps between evaluations (gold, proxy, KL on --rollout-batch-size fresh samples)"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,6 +263,128 @@ def dpo_loss(
     rejected_rewards = beta * (pi_logp_rejected - ref_logp_rejected)
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
     return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def ipo_loss(
+    pi_logp_chosen: torch.Tensor,
+    pi_logp_rejected: torch.Tensor,
+    ref_logp_chosen: torch.Tensor,
+    ref_logp_rejected: torch.Tensor,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IPO (Azar et al. 2023): a squared loss on the same margin as DPO, which stops at a finite target.
+
+    Inputs are length-averaged log-probs [B] (the mean over a response's real tokens, as the IPO paper's
+    experiments and TRL's loss_type="ipo" use; response_logps(..., average=True)). With the margin
+        h = (pi_w - ref_w) - (pi_l - ref_l),      loss = mean((h - 1 / (2 tau))^2).
+    DPO's -log sigmoid(beta h) keeps falling as h grows, so a pair labelled the same way every time is pushed
+    apart without end (the overfitting the article mentions); IPO's loss is smallest at h = 1 / (2 tau) and
+    pulls h back from beyond it. Returns (loss, chosen log-ratios [B], rejected log-ratios [B]), detached.
+
+    Example: tau = 0.5 (target h = 1); pi_w - ref_w = 2, pi_l - ref_l = 0: h = 2, loss (2 - 1)^2 = 1.
+    """
+    chosen_logratios = pi_logp_chosen - ref_logp_chosen
+    rejected_logratios = pi_logp_rejected - ref_logp_rejected
+    h = chosen_logratios - rejected_logratios
+    loss = (h - 1.0 / (2.0 * tau)).pow(2).mean()
+    return loss, chosen_logratios.detach(), rejected_logratios.detach()
+
+
+def kto_reference_point(pi_logp_mismatched: torch.Tensor, ref_logp_mismatched: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z_ref, an estimate of KL(pi || pi_ref) (Ethayarajh et al. 2024, section 4.1):
+    the mean log-ratio of responses paired with prompts they were not written for (each response of the batch
+    with another response's prompt), clamped at 0 (a KL is never negative) and detached (no gradient flows
+    through it, as in the paper). Inputs: sequence log-probs [B] of the mismatched pairs. Returns a scalar.
+
+    Example: pi [-3, -5], ref [-4, -5] -> mean(1, 0) = 0.5;  pi [-5], ref [-4] -> max(-1, 0) = 0.
+    """
+    return (pi_logp_mismatched - ref_logp_mismatched).mean().clamp(min=0.0).detach()
+
+
+def kto_loss(
+    pi_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    desirable: torch.Tensor,
+    z_ref: torch.Tensor,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024): single responses labelled desirable or not, no pairs needed.
+
+    pi_logp, ref_logp: sequence log-probs [B]; desirable: [B] bool; z_ref from kto_reference_point. With the
+    implicit reward r = log pi(y|x) - log pi_ref(y|x), the value of a response is
+        v = sigmoid(beta (r - z_ref))   if desirable    (gain: above the reference point)
+        v = sigmoid(beta (z_ref - r))   if undesirable  (loss: below it)
+    and loss = mean(w(y) (1 - v)) with w = desirable_weight (lambda_D) or undesirable_weight (lambda_U).
+    Returns (loss, r [B] detached).
+
+    Example: beta 1, z_ref 0, weights 1; a desirable response with r = 0: 1 - sigmoid(0) = 0.5; an undesirable
+    one with r = -2: 1 - sigmoid(2) = 0.1192; their mean 0.3096.
+    """
+    logratios = pi_logp - ref_logp
+    value = torch.where(desirable, torch.sigmoid(beta * (logratios - z_ref)), torch.sigmoid(beta * (z_ref - logratios)))
+    weight = torch.where(desirable, desirable_weight, undesirable_weight)
+    return (weight * (1.0 - value)).mean(), logratios.detach()
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage (Shao et al. 2024): each response's reward against the other answers to the same prompt,
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps),
+    the group's mean replacing the critic as the baseline. rewards: [B], groups of group_size consecutive rows
+    (the responses to one prompt). std is the unbiased one (TRL's). A group whose responses score the same has
+    nothing to learn from: all its advantages are 0. Returns [B].
+
+    Example: group_size 2, rewards [1, 3, 5, 5] -> [-0.7071, 0.7071, 0, 0] (std of [1, 3] is 1.414).
+    """
+    grouped = rewards.view(-1, group_size)
+    mean, std = grouped.mean(dim=1, keepdim=True), grouped.std(dim=1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).view(-1)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantage (Ahmadian et al. 2024; Kool et al. 2019): each of the k responses to a prompt against
+    the mean reward of the other k - 1, a baseline that does not depend on the sample itself, so the
+    REINFORCE estimate stays unbiased. rewards: [B], groups of group_size (= k) consecutive rows. Returns [B].
+
+    Example: k = 3, rewards [1, 2, 6]: baselines [4, 3.5, 1.5] -> [-3, -1.5, 4.5].
+    """
+    grouped = rewards.view(-1, group_size)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).view(-1)
+
+
+def grpo_loss(
+    new_logprob: torch.Tensor,
+    old_logprob: torch.Tensor,
+    ref_logprob: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_coef: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GRPO's objective (Shao et al. 2024, eq. 3), negated to minimise. Token log-probs [B, L] under pi_theta,
+    pi_old and pi_ref; advantages [B], one per response, given to each of its tokens; mask [B, L].
+
+    Per real token t:  r_t = pi_theta / pi_old,  L_t = min(r_t A, clip(r_t, 1-eps, 1+eps) A)   (PPO-Clip)
+                       KL_t = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1                 (k3, >= 0)
+    loss = -mean over responses of (mean over the response's tokens of L_t - beta KL_t)
+    The KL to pi_ref is a term of the loss, not of the reward as in PPO-RLHF (token_rewards), and there is
+    no value model. Averaging per response first, as the paper does, gives a short response's tokens more
+    weight than a long one's. Returns (loss, clip fraction over real tokens, mean KL_t), the last two detached.
+
+    Example: one response of two tokens, all log-probs 0, A = 1: r = 1, KL = 0 -> loss -1, clipfrac 0.
+    """
+    real = mask.bool()
+    ratio = (new_logprob - old_logprob).exp()
+    surrogate = torch.min(ratio * advantages.unsqueeze(1),
+                          ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef) * advantages.unsqueeze(1))
+    log_ref_ratio = ref_logprob - new_logprob  # log(pi_ref / pi_theta)
+    kl = log_ref_ratio.exp() - log_ref_ratio - 1.0
+    per_token = torch.where(real, surrogate - beta * kl, 0.0)
+    per_response = per_token.sum(dim=1) / real.sum(dim=1)  # every response has >= 1 real token
+    clipfrac = ((ratio - 1.0).abs() > clip_coef)[real].float().mean()
+    return -per_response.mean(), clipfrac.detach(), kl[real].mean().detach()
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -750,7 +893,8 @@ def train_reward_model(
 
 @torch.no_grad()
 def rollout(policy: TinyLM, ref_policy: TinyLM, reward_model: TinyLM, prompts: torch.Tensor, args: Args) -> dict:
-    """Sample responses from the policy and score them: everything PPO and the evaluations need, as tensors."""
+    """Sample responses from the policy and score them: everything the online methods and the evaluations need,
+    as tensors. "score" is the reward they maximise (--reward: the proxy or the gold one)."""
     P = prompts.shape[1]
     responses = generate(policy, prompts, args.max_response_len, args.temperature)  # [B, L]
     mask = response_mask(responses)  # [B, L]
@@ -761,11 +905,12 @@ def rollout(policy: TinyLM, ref_policy: TinyLM, reward_model: TinyLM, prompts: t
     ref_logprobs = sequence_logprobs(ref_logits, responses, mask)
     finished = (responses == EOS).any(dim=1)
     # Ziegler et al.: a response that does not end properly gets a fixed score, not the RM's guess on it.
-    score = torch.where(finished, proxy_score(reward_model, seq, mask, P), args.missing_eos_reward)
+    proxy = torch.where(finished, proxy_score(reward_model, seq, mask, P), args.missing_eos_reward)
+    gold = gold_reward(prompts, responses, mask)  # the verifier: a program that knows the truth
     return {
         "prompts": prompts, "responses": responses, "mask": mask, "seq": seq,
-        "logprobs": logprobs, "ref_logprobs": ref_logprobs, "score": score, "finished": finished,
-        "gold": gold_reward(prompts, responses, mask),
+        "logprobs": logprobs, "ref_logprobs": ref_logprobs, "finished": finished, "proxy": proxy, "gold": gold,
+        "score": gold if args.reward == "gold" else proxy,  # R(x, y): what the online method maximises
         "kl": token_kl(logits, ref_logits, mask).sum(dim=1),  # exact per token, summed: [B]
         "kl_k1": (logprobs - ref_logprobs).sum(dim=1),  # the sampled estimate the reward penalises: [B]
         "entropy": token_entropy(logits, mask),
@@ -870,55 +1015,180 @@ def run_ppo(policy: TinyLM, ref_policy: TinyLM, reward_model: TinyLM, args: Args
     return summary
 
 
-def dpo_logps(model: TinyLM, prompts: torch.Tensor, responses: torch.Tensor, P: int) -> torch.Tensor:
-    """log pi(y | x) [n] of whole responses (sum over the real tokens), at temperature 1 as DPO defines it."""
+def run_critic_free(policy: TinyLM, ref_policy: TinyLM, reward_model: TinyLM, args: Args, data_gen: torch.Generator,
+                    device: torch.device, logger: Logger) -> dict:
+    """Stage 3 without a critic: GRPO (Shao et al. 2024) or RLOO (Ahmadian et al. 2024). Each iteration samples
+    --group-size responses to each of B / group_size prompts; the other answers to the same prompt are the
+    baseline, so there is no value model (three model copies: policy, reference, reward; two with --reward gold).
+
+    GRPO: advantage = the reward normalised within its group (group_advantages), on every token of the response;
+    PPO-Clip per token with the KL to pi_ref as a loss term (grpo_loss).
+    RLOO: reward = R - beta (log pi - log pi_ref) of the whole response (token_rewards summed, the KL in the
+    reward as in PPO-RLHF); advantage = reward - the mean of the other k - 1 (leave_one_out_advantages); the
+    whole response is one action: ppo_clip_loss on sequence log-probs. The paper's RLOO is REINFORCE, one
+    gradient step per batch; TRL's takes the clipped ratio over several epochs. We take TRL's, so every online
+    method here gets the same --update-epochs x --num-minibatches steps per batch; with --update-epochs 1
+    --num-minibatches 1 the ratio is 1 and the gradient is the paper's REINFORCE gradient exactly."""
+    params = list(policy.parameters())
+    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)
+    kl_ctl = (AdaptiveKLController(args.beta, args.kl_target, args.kl_horizon) if args.adaptive_kl
+              else FixedKLController(args.beta))
+    B, G, P = args.rollout_batch_size, args.group_size, args.prompt_len
+    minibatch_size = B // args.num_minibatches
+    names = ("policy_loss", "entropy", "clipfrac", "loss")
+    start_time, tokens_seen, summary = time.time(), 0, {}
+    for iteration in range(1, args.ppo_iterations + 1):
+        lr = args.learning_rate * (1.0 - (iteration - 1.0) / args.ppo_iterations if args.anneal_lr else 1.0)
+        optimizer.param_groups[0]["lr"] = lr
+        beta = kl_ctl.value
+
+        # ---- rollout: G responses to each of B / G prompts, group g in rows g*G .. g*G + G - 1 ----
+        prompts = sample_prompts(B // G, P, args.vocab_size, data_gen).to(device).repeat_interleave(G, dim=0)
+        batch = rollout(policy, ref_policy, reward_model, prompts, args)
+        responses, mask, seq = batch["responses"], batch["mask"], batch["seq"]
+        logprobs, ref_logprobs = batch["logprobs"], batch["ref_logprobs"]  # [B, L]
+        real = mask.bool()
+        tokens_seen += int(mask.sum().item())
+        if args.algo == "grpo":
+            episode_returns = batch["score"]  # the KL is not in GRPO's reward
+            advantages = group_advantages(episode_returns, G)  # [B]
+        else:
+            episode_returns = token_rewards(batch["score"], logprobs, ref_logprobs, mask, beta).sum(dim=1)  # [B]
+            advantages = leave_one_out_advantages(episode_returns, G)
+
+        # ---- update: update_epochs passes over num_minibatches minibatches of whole responses ----
+        stats, stop = [], False
+        for epoch in range(args.update_epochs):
+            permutation = torch.randperm(B, device=device)
+            for start in range(0, B, minibatch_size):
+                mb = permutation[start : start + minibatch_size]
+                m = real[mb]
+                logits = response_logits(policy, seq[mb], P, args.temperature)
+                new_logprob = sequence_logprobs(logits, responses[mb], mask[mb])  # [mb, L]
+                if args.target_kl is not None:
+                    _, kl_now = approx_kl(new_logprob.detach()[m], logprobs[mb][m])
+                    if kl_now.item() > args.target_kl:
+                        stop = True
+                        break
+                if args.algo == "grpo":
+                    pg_loss, clipfrac, _ = grpo_loss(new_logprob, logprobs[mb], ref_logprobs[mb], advantages[mb],
+                                                     mask[mb], args.clip_coef, beta)
+                else:
+                    pg_loss, clipfrac = ppo_clip_loss(new_logprob.sum(dim=1), logprobs[mb].sum(dim=1),
+                                                      advantages[mb], args.clip_coef)
+                entropy_mean = masked_mean(token_entropy(logits, m), m)
+                loss = pg_loss - args.ent_coef * entropy_mean
+
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                stats.append(torch.stack([pg_loss, entropy_mean, clipfrac, loss]).detach())
+            if stop:
+                break
+
+        # ---- diagnostics on the whole batch, after the update ----
+        with torch.no_grad():
+            new_logprob = sequence_logprobs(response_logits(policy, seq, P, args.temperature), responses, mask)
+            kl_k1, kl_k3 = approx_kl(new_logprob[real], logprobs[real])
+        if stats:
+            check_finite(stats, names, f"{args.algo.upper()} iteration {iteration}")
+        means = torch.stack(stats).mean(0).tolist() if stats else [None] * len(names)
+        rollout_stats = summarise(batch)
+        summary = {
+            "stage": args.algo, "iteration": iteration, "episodes": iteration * B, "global_step": tokens_seen,
+            "sps": tokens_seen / (time.time() - start_time), "learning_rate": lr, "beta": beta, **rollout_stats,
+            **dict(zip(names, means)), "approx_kl_k1": kl_k1.item(), "approx_kl_k3": kl_k3.item(),
+            "update_minibatches": len(stats),
+            # the share of groups whose responses all score the same: no signal in them (GRPO and RLOO alike)
+            "flat_groups": (batch["score"].view(-1, G).std(dim=1) == 0).float().mean().item(),
+            "episodic_return": episode_returns.mean().item(), "episodic_length": rollout_stats["response_length"],
+        }
+        logger.log(summary)
+        kl_ctl.update(rollout_stats["kl_ref_k1"], B)
+    return summary
+
+
+def response_logps(model: TinyLM, prompts: torch.Tensor, responses: torch.Tensor, P: int,
+                   average: bool = False) -> torch.Tensor:
+    """log pi(y | x) [n] of whole responses at temperature 1, as the direct methods define it: the sum over the
+    real tokens, or with average=True their mean (IPO's length-averaged log-prob)."""
     mask = response_mask(responses)
     logits = response_logits(model, torch.cat([prompts, responses], dim=1), P, 1.0)
-    return sequence_logprobs(logits, responses, mask).sum(dim=1)
+    logps = sequence_logprobs(logits, responses, mask).sum(dim=1)
+    return logps / mask.sum(dim=1) if average else logps
 
 
-def pair_logps(model: TinyLM, pairs: dict, idx: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model: TinyLM, pairs: dict, idx: torch.Tensor, P: int,
+               average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi of the chosen and of the rejected responses of pairs idx, one forward pass: ([n], [n])."""
     prompts = pairs["prompts"][idx]
     responses = torch.cat([pairs["chosen"][idx], pairs["rejected"][idx]])
-    logps = dpo_logps(model, torch.cat([prompts, prompts]), responses, P)
+    logps = response_logps(model, torch.cat([prompts, prompts]), responses, P, average)
     return logps[: len(idx)], logps[len(idx):]
 
 
-def train_dpo(ref_policy: TinyLM, reward_model: TinyLM, train: dict, heldout: dict, args: Args,
-              data_gen: torch.Generator, device: torch.device, logger: Logger) -> tuple[TinyLM, dict]:
-    """Stage 4: DPO from pi_ref on the reward model's training pairs; every --dpo-eval-every steps, the gold and
-    proxy rewards and KL(pi || pi_ref) of fresh samples (the reward model only measures, it does not train)."""
+def direct_loss(method: str, policy: TinyLM, ref_policy: TinyLM, pairs: dict, idx: torch.Tensor,
+                args: Args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of one direct method on pairs idx, and the chosen and rejected responses' implicit rewards (their
+    log-ratios to pi_ref, detached: the held-out accuracy compares them).
+    dpo, ipo: the pairs as pairs (dpo_loss on summed log-probs, ipo_loss on length-averaged ones).
+    kto: the pairs unpaired, as TRL does with paired data: chosen = desirable, rejected = undesirable; z_ref from
+    the same responses under the prompt of the next pair of the batch (mismatched)."""
+    P = args.prompt_len
+    average = method == "ipo"
+    pi_chosen, pi_rejected = pair_logps(policy, pairs, idx, P, average)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = pair_logps(ref_policy, pairs, idx, P, average)
+    if method == "dpo":
+        loss, _, _ = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, args.dpo_beta)
+    elif method == "ipo":
+        loss, _, _ = ipo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, args.ipo_tau)
+    else:
+        responses = torch.cat([pairs["chosen"][idx], pairs["rejected"][idx]])  # [2n, L]
+        other_prompts = pairs["prompts"][idx.roll(1)]  # pair i's responses under pair i-1's prompt
+        with torch.no_grad():  # z_ref carries no gradient
+            mismatched = torch.cat([other_prompts, other_prompts])
+            z_ref = kto_reference_point(response_logps(policy, mismatched, responses, P),
+                                        response_logps(ref_policy, mismatched, responses, P))
+        desirable = torch.arange(2 * len(idx), device=idx.device) < len(idx)
+        loss, _ = kto_loss(torch.cat([pi_chosen, pi_rejected]), torch.cat([ref_chosen, ref_rejected]), desirable,
+                           z_ref, args.kto_beta, args.kto_desirable_weight, args.kto_undesirable_weight)
+    return loss, (pi_chosen - ref_chosen).detach(), (pi_rejected - ref_rejected).detach()
+
+
+def train_direct(method: str, ref_policy: TinyLM, reward_model: TinyLM, train: dict, heldout: dict, args: Args,
+                 data_gen: torch.Generator, device: torch.device, logger: Logger) -> tuple[TinyLM, dict]:
+    """Stage 4: one direct method (DPO, IPO or KTO) from pi_ref on the reward model's training pairs: no reward
+    model, no rollouts, two model copies (policy, reference). Every --direct-eval-every steps, the gold and proxy
+    rewards and KL(pi || pi_ref) of fresh samples (the reward model only measures, it does not train)."""
     policy = copy.deepcopy(ref_policy).requires_grad_(True)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.dpo_learning_rate)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.direct_learning_rate)
     n, P = len(train["prompts"]), args.prompt_len
-    with torch.no_grad():  # pi_ref's log-probs never change: once, up front
-        ref_chosen, ref_rejected = pair_logps(ref_policy, train, torch.arange(n, device=device), P)
-        all_heldout = torch.arange(len(heldout["prompts"]), device=device)
-        heldout_ref = pair_logps(ref_policy, heldout, all_heldout, P)
+    all_heldout = torch.arange(len(heldout["prompts"]), device=device)
     step, losses, summary = 0, [], {}
-    steps_per_epoch = math.ceil(n / args.dpo_batch_size)
-    for epoch in range(1, args.dpo_epochs + 1):
+    steps_per_epoch = math.ceil(n / args.direct_batch_size)
+    for epoch in range(1, args.direct_epochs + 1):
         permutation = torch.randperm(n, device=device)
-        for start in range(0, n, args.dpo_batch_size):
-            idx = permutation[start : start + args.dpo_batch_size]
-            pi_chosen, pi_rejected = pair_logps(policy, train, idx, P)
-            loss, _, _ = dpo_loss(pi_chosen, pi_rejected, ref_chosen[idx], ref_rejected[idx], args.dpo_beta)
+        for start in range(0, n, args.direct_batch_size):
+            loss, _, _ = direct_loss(method, policy, ref_policy, train,
+                                     permutation[start : start + args.direct_batch_size], args)
             step += 1
-            check_finite([loss.detach().reshape(1)], ("dpo_loss",), f"DPO step {step}", per_minibatch=False)
+            check_finite([loss.detach().reshape(1)], (f"{method}_loss",), f"{method.upper()} step {step}",
+                         per_minibatch=False)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            if step % args.dpo_eval_every == 0 or step == args.dpo_epochs * steps_per_epoch:
+            if step % args.direct_eval_every == 0 or step == args.direct_epochs * steps_per_epoch:
                 with torch.no_grad():
-                    hl, chosen_r, rejected_r = dpo_loss(*pair_logps(policy, heldout, all_heldout, P), *heldout_ref,
-                                                        args.dpo_beta)
+                    heldout_loss, chosen_r, rejected_r = direct_loss(method, policy, ref_policy, heldout,
+                                                                     all_heldout, args)
                 prompts = sample_prompts(args.rollout_batch_size, P, args.vocab_size, data_gen).to(device)
                 summary = {
-                    "stage": "dpo", "step": step, "epoch": epoch, "dpo_loss": float(np.mean(losses)),
-                    "dpo_heldout_loss": hl.item(),
-                    "dpo_heldout_acc": (chosen_r > rejected_r).float().mean().item(),  # implicit reward vs labels
+                    "stage": method, "step": step, "epoch": epoch, "loss": float(np.mean(losses)),
+                    "heldout_loss": heldout_loss.item(),
+                    "heldout_acc": (chosen_r > rejected_r).float().mean().item(),  # implicit reward vs labels
                     **summarise(rollout(policy, ref_policy, reward_model, prompts, args)),
                 }
                 logger.log(summary)
@@ -947,13 +1217,14 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         saved = Args(**{**checkpoint["args"], "eval_episodes": args.eval_episodes, "seed": args.seed,
                         "temperature": args.temperature})
         models = {}
-        for name in ("ref_policy", "reward_model", "ppo_policy", "dpo_policy"):
+        for name in [key for key in checkpoint if key == "reward_model" or key.endswith("_policy")]:
             models[name] = make_model(saved, device)
             models[name].load_state_dict(checkpoint[name])
         torch.manual_seed(args.seed)
-        results = evaluate_policies({"pi_ref (SFT)": models["ref_policy"], "PPO": models["ppo_policy"],
-                                     "DPO": models["dpo_policy"]}, models["ref_policy"], models["reward_model"],
-                                    saved, device)
+        trained = {name[: -len("_policy")].upper(): model for name, model in models.items()
+                   if name.endswith("_policy") and name != "ref_policy"}  # PPO (or GRPO, RLOO), DPO, IPO, KTO
+        results = evaluate_policies({"pi_ref (SFT)": models["ref_policy"], **trained}, models["ref_policy"],
+                                    models["reward_model"], saved, device)
         print_table(results, saved)
         return {"eval": results}
 
@@ -963,9 +1234,11 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
+    direct = ", ".join(method.upper() for method in args.direct) or "no direct method"
     print(f"budget: SFT {args.sft_steps} steps x {args.sft_batch_size} demonstrations, reward model "
-          f"{args.rm_epochs} epochs over {args.num_pairs} pairs, PPO {args.ppo_iterations} iterations x "
-          f"{args.rollout_batch_size} prompts, DPO {args.dpo_epochs} epochs over the same pairs")
+          f"{args.rm_epochs} epochs over {args.num_pairs} pairs, {args.algo.upper()} on the {args.reward} reward "
+          f"{args.ppo_iterations} iterations x {args.rollout_batch_size} responses, {direct} "
+          f"{args.direct_epochs} epochs over the same pairs")
     run_name, run_dir = make_run_dir("rlhf-toy", args.exp_name, args.seed)  # a new folder, never another run's
     write_json(os.path.join(run_dir, "args.json"), asdict(args))
     stop_signal = StopSignal()  # Ctrl-C or SIGTERM: the stage ends after its next logged row (RunStopped)
@@ -978,7 +1251,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     data_gen = torch.Generator().manual_seed(args.seed)  # prompts, demonstrations, preference labels
     start_time = time.time()
 
-    ref_policy = reward_model = ppo_policy = None  # what a stopped run has trained so far
+    ref_policy = reward_model = online_policy = None  # what a stopped run has trained so far
+    direct_policies = {}
     try:
         ref_policy, sft_loss = train_sft(args, data_gen, device, logger)
         ref_policy.requires_grad_(False)
@@ -986,13 +1260,16 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         heldout_pairs = make_preferences(ref_policy, args.heldout_pairs, args, data_gen, device)
         reward_model, rm_stats = train_reward_model(ref_policy, train_pairs, heldout_pairs, args, logger)
         reward_model.requires_grad_(False)
-        ppo_policy = copy.deepcopy(ref_policy).requires_grad_(True)
-        ppo_last = run_ppo(ppo_policy, ref_policy, reward_model, args, data_gen, device, logger)
-        # DPO starts from fresh seeds, so its result does not depend on the PPO flags (a beta sweep shares it)
-        torch.manual_seed(args.seed + 1)
-        dpo_gen = torch.Generator().manual_seed(args.seed + 1)
-        dpo_policy, _ = train_dpo(ref_policy, reward_model, train_pairs, heldout_pairs, args, dpo_gen, device,
-                                  logger)
+        online_policy = copy.deepcopy(ref_policy).requires_grad_(True)
+        run_online = run_ppo if args.algo == "ppo" else run_critic_free
+        online_last = run_online(online_policy, ref_policy, reward_model, args, data_gen, device, logger)
+        for method in args.direct:
+            # each direct method starts from the same fresh seeds, so its result depends neither on the online
+            # method's flags (a beta sweep shares it) nor on which other direct methods ran
+            torch.manual_seed(args.seed + 1)
+            direct_gen = torch.Generator().manual_seed(args.seed + 1)
+            direct_policies[method], _ = train_direct(method, ref_policy, reward_model, train_pairs, heldout_pairs,
+                                                      args, direct_gen, device, logger)
     except NonFiniteLoss as err:
         logger.close()
         stop_signal.restore()
@@ -1001,7 +1278,8 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         # Wrap up what exists: the metrics so far, a summary naming the stage, the models trained before it.
         summary = {"stage": "summary", "time": time.time() - start_time, "stopped_by": stop_signal.signal_name,
                    "stopped_in_stage": stopped.stage}
-        trained = {"ref_policy": ref_policy, "reward_model": reward_model, "ppo_policy": ppo_policy}
+        trained = {"ref_policy": ref_policy, "reward_model": reward_model, f"{args.algo}_policy": online_policy,
+                   **{f"{method}_policy": policy for method, policy in direct_policies.items()}}
         if args.save_model:
             path = os.path.join(run_dir, f"{SCRIPT}.pt")
             torch.save({"script": SCRIPT, "args": asdict(args), "stopped_in_stage": stopped.stage,
@@ -1014,38 +1292,47 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         stop_signal.restore()
         raise SystemExit(stop_signal.exit_code) from None
 
-    results = evaluate_policies({"pi_ref (SFT)": ref_policy, "PPO": ppo_policy, "DPO": dpo_policy}, ref_policy,
-                                reward_model, args, device)
+    policies = {args.algo: online_policy, **direct_policies}  # by method: ppo (or grpo, rloo), dpo, ipo, kto
+    results = evaluate_policies({"pi_ref (SFT)": ref_policy, **{m.upper(): p for m, p in policies.items()}},
+                                ref_policy, reward_model, args, device)
     print_table(results, args)
+    rows = {"demonstrator": results["demonstrator"], "ref": results["pi_ref (SFT)"],
+            **{method: results[method.upper()] for method in policies}}
     summary = {
         "stage": "summary",
         "time": time.time() - start_time,
         "sft_loss": sft_loss,
         **rm_stats,
-        "beta_final": ppo_last.get("beta"),
-        **{f"{key}_{name}": row.get(key) for name, row in
-           (("demonstrator", results["demonstrator"]), ("ref", results["pi_ref (SFT)"]), ("ppo", results["PPO"]),
-            ("dpo", results["DPO"]))
+        "algo": args.algo,
+        "reward": args.reward,
+        "beta_final": online_last.get("beta"),
+        **{f"{key}_{name}": row.get(key) for name, row in rows.items()
            for key in ("gold_reward", "proxy_reward", "kl_ref", "response_length") if key in row},
+        # the models each method holds while it trains (the article's "four model copies" for PPO): the policy
+        # and pi_ref; the reward model unless the gold reward is the reward; PPO's value model
+        **{f"models_{method}": 2 + (method == "ppo") + (method == args.algo and args.reward == "model")
+           for method in policies},
     }
     logger.log(summary)
     if args.save_model:
         path = os.path.join(run_dir, f"{SCRIPT}.pt")
         torch.save({"script": SCRIPT, "args": asdict(args), "ref_policy": cpu_weights(ref_policy),
-                    "reward_model": cpu_weights(reward_model), "ppo_policy": cpu_weights(ppo_policy),
-                    "dpo_policy": cpu_weights(dpo_policy)}, path)
+                    "reward_model": cpu_weights(reward_model),
+                    **{f"{method}_policy": cpu_weights(policy) for method, policy in policies.items()}}, path)
         checkpoint = load_checkpoint(path)
         reloaded = make_model(args, device)
-        reloaded.load_state_dict(checkpoint["ppo_policy"])
-        check = evaluate_policies({"PPO (reloaded)": reloaded}, ref_policy, reward_model, args, device)
-        print(f"saved {path}; reloaded PPO policy: gold {check['PPO (reloaded)']['gold_reward']:.3f} over "
+        reloaded.load_state_dict(checkpoint[f"{args.algo}_policy"])
+        name = f"{args.algo.upper()} (reloaded)"
+        check = evaluate_policies({name: reloaded}, ref_policy, reward_model, args, device)
+        print(f"saved {path}; reloaded {args.algo.upper()} policy: gold {check[name]['gold_reward']:.3f} over "
               f"{args.eval_episodes} prompts")
-        summary["eval_gold_reward_ppo_reloaded"] = check["PPO (reloaded)"]["gold_reward"]
+        summary[f"eval_gold_reward_{args.algo}_reloaded"] = check[name]["gold_reward"]
     write_json(os.path.join(run_dir, "summary.json"), summary)
     logger.close()
-    print(f"done: 4 stages in {summary['time']:.1f} s; gold reward pi_ref {summary['gold_reward_ref']:.2f} -> PPO "
-          f"{summary['gold_reward_ppo']:.2f}, DPO {summary['gold_reward_dpo']:.2f} (best possible "
-          f"{args.prompt_len}); metrics in {run_dir}/metrics.jsonl")
+    finals = ", ".join(f"{method.upper()} {summary[f'gold_reward_{method}']:.2f}" for method in policies)
+    print(f"done: {3 + len(args.direct)} stages in {summary['time']:.1f} s; gold reward pi_ref "
+          f"{summary['gold_reward_ref']:.2f} -> {finals} (best possible {args.prompt_len}); metrics in "
+          f"{run_dir}/metrics.jsonl")
     stop_signal.restore()
     if stop_signal.requested:  # a signal during the final evaluation: everything is written, say so by the code
         raise SystemExit(stop_signal.exit_code)
@@ -1060,15 +1347,28 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
 
 def check_args(args: Args) -> None:
     """Raise ValueError with one readable sentence for settings that cannot train."""
-    for name in ("learning_rate", "sft_learning_rate", "rm_learning_rate", "dpo_learning_rate", "temperature",
-                 "dpo_beta", "kl_target", "clip_coef"):
+    for name in ("learning_rate", "sft_learning_rate", "rm_learning_rate", "direct_learning_rate", "temperature",
+                 "dpo_beta", "ipo_tau", "kto_beta", "kl_target", "clip_coef"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in ("eval_episodes", "torch_threads", "d_model", "n_layers", "n_heads", "sft_steps", "sft_batch_size",
                  "num_pairs", "heldout_pairs", "rm_epochs", "rm_batch_size", "ppo_iterations", "rollout_batch_size",
-                 "num_minibatches", "update_epochs", "kl_horizon", "dpo_epochs", "dpo_batch_size", "dpo_eval_every"):
+                 "num_minibatches", "update_epochs", "kl_horizon", "direct_epochs", "direct_batch_size",
+                 "direct_eval_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if len(set(args.direct)) != len(args.direct):
+        raise ValueError(f"--direct names a method twice: {' '.join(args.direct)}")
+    if args.algo != "ppo":
+        if args.group_size < 2:
+            raise ValueError(f"--group-size must be >= 2 for --algo {args.algo} (a group's other responses are the "
+                             f"baseline), got {args.group_size}")
+        if args.rollout_batch_size % args.group_size != 0:
+            raise ValueError(f"--group-size {args.group_size} does not divide --rollout-batch-size "
+                             f"{args.rollout_batch_size}")
     if args.beta < 0:
         raise ValueError(f"--beta must be >= 0, got {args.beta}")
     if args.d_model % args.n_heads != 0:
@@ -1191,7 +1491,7 @@ def summarise(batch: dict) -> dict:
     """Batch means of a rollout: the numbers every stage reports."""
     return {
         "gold_reward": batch["gold"].mean().item(),
-        "proxy_reward": batch["score"].mean().item(),
+        "proxy_reward": batch["proxy"].mean().item(),
         "kl_ref": batch["kl"].mean().item(),
         "kl_ref_k1": batch["kl_k1"].mean().item(),
         "entropy": masked_mean(batch["entropy"], batch["mask"]).item(),
@@ -1268,17 +1568,19 @@ def format_line(metrics: dict) -> str:
         return (f"rm   epoch {metrics['epoch']:>3} | train loss {show('rm_loss', '.4f')} | held-out: loss "
                 f"{show('rm_heldout_loss', '.4f')} acc {show('rm_heldout_acc', '.3f')} (vs gold order "
                 f"{show('rm_heldout_acc_gold', '.3f')}; gold itself gets {show('label_ceiling_acc', '.3f')})")
-    if stage in ("ppo", "dpo"):
-        head = f"ppo  iter {metrics['iteration']:>4}" if stage == "ppo" else f"dpo  step {metrics['step']:>4}"
+    if stage in ("ppo", "grpo", "rloo", "dpo", "ipo", "kto"):
+        online = stage in ("ppo", "grpo", "rloo")
+        head = f"{stage:<4} iter {metrics['iteration']:>4}" if online else f"{stage:<4} step {metrics['step']:>4}"
         tail = (f" | kl {show('approx_kl_k3', '.4f')} clip {show('clipfrac', '.3f')} ev "
-                f"{show('explained_variance', '5.2f')} beta {show('beta', '.4f')}" if stage == "ppo"
-                else f" | loss {show('dpo_loss', '.4f')}")
+                f"{show('explained_variance', '5.2f')} beta {show('beta', '.4f')}" if online
+                else f" | loss {show('loss', '.4f')} held-out acc {show('heldout_acc', '.3f')}")
         return (f"{head} | gold {show('gold_reward', '6.3f')} proxy {show('proxy_reward', '6.3f')} "
                 f"KL(pi||ref) {show('kl_ref', '6.2f')} ent {show('entropy', '.3f')} len "
                 f"{show('response_length', '.2f')}{tail}")
+    methods = [m for m in ("ppo", "grpo", "rloo", "dpo", "ipo", "kto") if f"gold_reward_{m}" in metrics]
     return (f"summary | gold: demonstrator {show('gold_reward_demonstrator', '.3f')}, pi_ref "
-            f"{show('gold_reward_ref', '.3f')}, PPO {show('gold_reward_ppo', '.3f')}, "
-            f"DPO {show('gold_reward_dpo', '.3f')}")
+            f"{show('gold_reward_ref', '.3f')}, "
+            + ", ".join(f"{m.upper()} {show(f'gold_reward_{m}', '.3f')}" for m in methods))
 
 
 def cpu_weights(module: nn.Module) -> dict[str, torch.Tensor]:

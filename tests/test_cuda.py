@@ -227,7 +227,7 @@ RUNS = [
         "--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--sft-steps", "4", "--sft-batch-size", "16",
         "--num-pairs", "32", "--heldout-pairs", "16", "--rm-epochs", "1", "--rm-batch-size", "16",
         "--ppo-iterations", "2", "--rollout-batch-size", "16", "--num-minibatches", "2", "--update-epochs", "1",
-        "--dpo-epochs", "1", "--dpo-batch-size", "16", "--dpo-eval-every", "1", "--eval-episodes", "16",
+        "--direct-epochs", "1", "--direct-batch-size", "16", "--direct-eval-every", "1", "--eval-episodes", "16",
     ], False), id="ppo_rlhf_toy"),
 ]
 

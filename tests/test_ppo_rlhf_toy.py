@@ -17,7 +17,7 @@ from conftest import ROOT
 TINY = ["--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--sft-steps", "4", "--sft-batch-size", "16",
         "--num-pairs", "32", "--heldout-pairs", "16", "--rm-epochs", "1", "--rm-batch-size", "16",
         "--ppo-iterations", "2", "--rollout-batch-size", "16", "--num-minibatches", "2", "--update-epochs", "2",
-        "--dpo-epochs", "1", "--dpo-batch-size", "16", "--dpo-eval-every", "1", "--eval-episodes", "16"]
+        "--direct-epochs", "1", "--direct-batch-size", "16", "--direct-eval-every", "1", "--eval-episodes", "16"]
 
 
 def run_dirs(cwd: Path):
@@ -77,6 +77,126 @@ def test_dpo_loss_gradient_signs():
     assert torch.all(pi_chosen.grad < 0)  # a descent step makes the chosen response more likely...
     assert torch.all(pi_rejected.grad > 0)  # ...and the rejected one less likely
     torch.testing.assert_close(pi_chosen.grad, -pi_rejected.grad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# IPO, KTO, GRPO, RLOO
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_ipo_loss_hand_value_and_minimum_at_the_target_margin():
+    # tau 0.5: target h = 1; policy - ref = 2 (chosen), 0 (rejected): h = 2, loss (2 - 1)^2 = 1
+    loss, chosen, rejected = rlhf.ipo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-3.0]),
+                                           torch.tensor([-2.0]), 0.5)
+    assert loss.item() == pytest.approx(1.0)
+    assert chosen.item() == pytest.approx(2.0) and rejected.item() == pytest.approx(0.0)
+    # two pairs, tau 0.25 (target 2): h = 0 and h = 3 -> mean(4, 1) = 2.5
+    loss, _, _ = rlhf.ipo_loss(torch.tensor([0.0, 3.0]), torch.zeros(2), torch.zeros(2), torch.zeros(2), 0.25)
+    assert loss.item() == pytest.approx(2.5)
+    for tau in (0.1, 0.5, 2.0):
+        h = torch.linspace(-5, 15, 2001, dtype=torch.float64, requires_grad=True)
+        losses = torch.stack([rlhf.ipo_loss(x.view(1), torch.zeros(1, dtype=torch.float64),
+                                            torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                                            tau)[0] for x in h])
+        assert h[losses.argmin()].item() == pytest.approx(1 / (2 * tau), abs=0.01)
+    # past the target the loss pulls the margin back (DPO's would push it further)
+    h = torch.tensor([10.0], requires_grad=True)
+    rlhf.ipo_loss(h, torch.zeros(1), torch.zeros(1), torch.zeros(1), 0.5)[0].backward()
+    assert h.grad.item() > 0
+
+
+def test_kto_loss_hand_value():
+    # beta 1, z_ref 0, weights 1: desirable r = 0 -> 1 - sigmoid(0) = 0.5; undesirable r = -2 -> 1 - sigmoid(2)
+    loss, logratios = rlhf.kto_loss(torch.tensor([-3.0, -6.0]), torch.tensor([-3.0, -4.0]), torch.tensor([True, False]),
+                                    torch.tensor(0.0), 1.0, 1.0, 1.0)
+    assert loss.item() == pytest.approx((0.5 + 1 - 1 / (1 + math.exp(-2))) / 2)
+    assert logratios.tolist() == [0.0, -2.0]
+    # weights and the reference point: lambda_D 2, lambda_U 0.5, z_ref 1, beta 0.5; r = [1, 3]
+    loss, _ = rlhf.kto_loss(torch.tensor([1.0, 3.0]), torch.zeros(2), torch.tensor([True, False]),
+                            torch.tensor(1.0), 0.5, 2.0, 0.5)
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert loss.item() == pytest.approx((2.0 * (1 - sigmoid(0.0)) + 0.5 * (1 - sigmoid(0.5 * (1 - 3)))) / 2)
+
+
+def test_kto_reference_point_is_the_mismatched_mean_log_ratio_clamped_and_detached():
+    pi = torch.tensor([-3.0, -5.0], requires_grad=True)
+    z = rlhf.kto_reference_point(pi, torch.tensor([-4.0, -5.0]))
+    assert z.item() == pytest.approx(0.5) and not z.requires_grad
+    assert rlhf.kto_reference_point(torch.tensor([-5.0]), torch.tensor([-4.0])).item() == 0.0
+
+
+def test_kto_gradient_raises_desirable_and_lowers_undesirable():
+    pi = torch.tensor([-3.0, -3.0], requires_grad=True)
+    loss, _ = rlhf.kto_loss(pi, torch.tensor([-3.0, -3.0]), torch.tensor([True, False]), torch.tensor(0.0),
+                            0.1, 1.0, 1.0)
+    loss.backward()
+    assert pi.grad[0] < 0 < pi.grad[1]
+
+
+def test_group_advantages_hand_values_zero_mean_and_flat_groups():
+    advantages = rlhf.group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0]), 2)
+    torch.testing.assert_close(advantages, torch.tensor([-1 / math.sqrt(2), 1 / math.sqrt(2), 0.0, 0.0]),
+                               atol=1e-4, rtol=0)
+    rewards = torch.randn(6 * 8, generator=torch.Generator().manual_seed(0))
+    rewards[8:16] = 2.5  # one group where every response scores the same
+    advantages = rlhf.group_advantages(rewards, 8).view(6, 8)
+    torch.testing.assert_close(advantages.mean(dim=1), torch.zeros(6), atol=1e-6, rtol=0)
+    assert torch.all(advantages[1] == 0)
+    torch.testing.assert_close(advantages[[0, 2, 3, 4, 5]].std(dim=1), torch.ones(5), atol=1e-3, rtol=0)
+
+
+def test_leave_one_out_advantages_exclude_the_sample_itself():
+    torch.testing.assert_close(rlhf.leave_one_out_advantages(torch.tensor([1.0, 2.0, 6.0]), 3),
+                               torch.tensor([-3.0, -1.5, 4.5]))
+    rewards = torch.randn(4 * 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    advantages = rlhf.leave_one_out_advantages(rewards, 5).view(4, 5)
+    grouped = rewards.view(4, 5)
+    for g in range(4):
+        for i in range(5):
+            others = torch.cat([grouped[g, :i], grouped[g, i + 1:]])
+            assert advantages[g, i].item() == pytest.approx((grouped[g, i] - others.mean()).item())
+    # changing one response's reward does not change its own baseline: its advantage moves one for one
+    bumped = rewards.clone()
+    bumped[7] += 1.0
+    delta = rlhf.leave_one_out_advantages(bumped, 5) - rlhf.leave_one_out_advantages(rewards, 5)
+    assert delta[7].item() == pytest.approx(1.0)
+    # RLOO's advantages are k / (k - 1) times the group-mean-centred rewards: zero mean per group
+    torch.testing.assert_close(advantages, 5 / 4 * (grouped - grouped.mean(dim=1, keepdim=True)))
+
+
+def test_grpo_loss_on_a_hand_built_batch():
+    # response 0: two real tokens, A = 1; response 1: one real token (then padding holding NaN), A = -2
+    new = torch.tensor([[math.log(1.5), 0.0], [math.log(0.5), float("nan")]])
+    old = torch.zeros(2, 2)
+    ref = torch.tensor([[0.0, math.log(2.0)], [0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, clipfrac, kl = rlhf.grpo_loss(new, old, ref, torch.tensor([1.0, -2.0]), mask, 0.2, 0.1)
+    k3 = lambda log_ref_ratio: math.exp(log_ref_ratio) - log_ref_ratio - 1  # noqa: E731
+    # tokens of response 0: r = 1.5 (clipped to 1.2) and r = 1; response 1: r = 0.5 (clip 0.8): min(-1, -1.6)
+    token_0 = [min(1.5, 1.2) - 0.1 * k3(-math.log(1.5)), 1.0 - 0.1 * k3(math.log(2.0))]
+    token_1 = [min(0.5 * -2, 0.8 * -2) - 0.1 * k3(-math.log(0.5))]
+    expected = -(sum(token_0) / 2 + token_1[0]) / 2  # per response, then over responses
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert clipfrac.item() == pytest.approx(2 / 3)
+    assert kl.item() == pytest.approx((k3(-math.log(1.5)) + k3(math.log(2.0)) + k3(-math.log(0.5))) / 3, rel=1e-5)
+    # pi = pi_old = pi_ref: r = 1, KL = 0, loss = -mean advantage
+    loss, clipfrac, kl = rlhf.grpo_loss(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 2),
+                                        torch.tensor([1.0, 3.0]), torch.ones(2, 2), 0.2, 0.1)
+    assert (loss.item(), clipfrac.item(), kl.item()) == (pytest.approx(-2.0), 0.0, 0.0)
+
+
+def test_rloo_with_one_step_is_reinforce_with_the_leave_one_out_baseline():
+    """The ratio of the whole response is 1 at the first step, so ppo_clip_loss's gradient is REINFORCE's:
+    -mean(A * grad log pi(y|x))."""
+    logits = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    tokens = torch.tensor([[1, 2, 0], [3, 1, 1], [0, 0, 4], [2, 2, 2]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    advantages = rlhf.leave_one_out_advantages(torch.tensor([1.0, 0.0, 3.0, 2.0]), 2)
+    seq_logprob = rlhf.sequence_logprobs(logits, tokens, mask).sum(dim=1)
+    loss, _ = rlhf.ppo_clip_loss(seq_logprob, seq_logprob.detach(), advantages, 0.2)
+    (grad_ppo,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (grad_reinforce,) = torch.autograd.grad(-(advantages * seq_logprob).mean(), logits)
+    torch.testing.assert_close(grad_ppo, grad_reinforce)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,7 +445,7 @@ def test_every_stage_runs_logs_saves_and_evaluates(tmp_path, monkeypatch, capsys
     rm = [m for m in metrics if m["stage"] == "rm"]
     assert 0.0 <= rm[-1]["rm_heldout_acc"] <= 1.0
     dpo = [m for m in metrics if m["stage"] == "dpo"]
-    assert dpo and all(k in dpo[-1] for k in ("gold_reward", "kl_ref", "dpo_loss", "dpo_heldout_acc"))
+    assert dpo and all(k in dpo[-1] for k in ("gold_reward", "kl_ref", "loss", "heldout_acc"))
     for key in ("sft_loss", "rm_heldout_acc", "gold_reward_ref", "gold_reward_ppo", "gold_reward_dpo", "kl_ref_ppo"):
         assert summary[key] is not None, key
     assert json.loads((run_dir / "summary.json").read_text())["gold_reward_ppo"] == summary["gold_reward_ppo"]
@@ -345,7 +465,7 @@ def test_same_seed_same_metrics(tmp_path, monkeypatch):
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         monkeypatch.chdir(tmp_path / name)
-        rlhf.main(TINY + ["--dpo-epochs", "1", "--dpo-eval-every", "100"])
+        rlhf.main(TINY + ["--direct-epochs", "1", "--direct-eval-every", "100"])
         runs.append(read_metrics(run_dirs(tmp_path / name)[0]))
     for first, second in zip(*runs):
         for row in (first, second):
