@@ -1,10 +1,13 @@
 """RLHF on a toy task, in one file: SFT -> Bradley-Terry reward model -> PPO with a KL penalty to the reference
-policy, and DPO on the same preference pairs for comparison. Everything is synthetic, so the truth is known.
+policy (or the critic-free GRPO, RLOO), and the direct methods DPO, IPO, KTO on the same preference pairs. The
+reward is the learnt proxy or the hidden truth itself (a verifier). Everything is synthetic, so the truth is known.
 
 Run:
     python ppo_rlhf_toy.py                                   # the whole pipeline (run time: benchmarks/RESULTS.md)
     python ppo_rlhf_toy.py --beta 0 --ppo-iterations 80      # no KL penalty: proxy rises, gold peaks then falls
     python ppo_rlhf_toy.py --adaptive-kl --kl-target 2       # beta adapted to a KL target (Ziegler et al. 2019)
+    python ppo_rlhf_toy.py --algo grpo --reward gold --direct ipo kto   # GRPO on the verifier's reward; IPO, KTO
+    python ppo_rlhf_toy.py --algo rloo                       # RLOO on the proxy reward, then DPO
     python ppo_rlhf_toy.py --save-model                      # also writes runs/<run_name>/ppo_rlhf_toy.pt
     python ppo_rlhf_toy.py --eval-checkpoint runs/<run_name>/ppo_rlhf_toy.pt   # evaluate a saved pipeline
     python ppo_rlhf_toy.py --help                            # every flag, with its meaning
@@ -31,7 +34,9 @@ Stages (each logs rows with a "stage" key to runs/<run_name>/metrics.jsonl and a
     ppo  per-token reward -beta (log pi - log pi_ref) on every response token + r_phi(x, y) on the last one,
          GAE over tokens, PPO-Clip; value model initialised from the reward model; fixed or adaptive beta.
          Every iteration logs the proxy AND the gold reward, so over-optimisation (Gao et al. 2022) is measured.
-    dpo  the same preference pairs, straight into the policy (Rafailov et al. 2023): no reward model, no rollouts
+         --algo grpo / rloo: no value model; --group-size responses per prompt, the group is the baseline.
+         --reward gold: the gold reward is R(x, y) (a verifier), the proxy is only logged.
+    dpo, ipo, kto  (--direct) the same preference pairs, straight into the policy: no reward model, no rollouts
 
 What it implements, by section of the article "PPO and TRPO -- Trust Region Policy Optimization":
     "PPO inside RLHF: the three-stage pipeline"  SFT, Bradley-Terry RM, PPO          -> main, bradley_terry_loss
@@ -39,7 +44,11 @@ What it implements, by section of the article "PPO and TRPO -- Trust Region Poli
     "Two trust regions"    the clip per update, the KL to pi_ref over the whole run     -> ppo_clip_loss, token_rewards
     "Adaptive KL penalty"  beta moved towards a KL target (Ziegler's controller)       -> AdaptiveKLController
     "Why RLHF is harder than CartPole"  learnt, noisy RM; low-variance GAE over tokens -> compute_gae, main
-    "Where DPO, IPO and KTO fit"  DPO's contrastive loss on the preference pairs       -> dpo_loss
+    "Where DPO, IPO and KTO fit"  DPO's contrastive loss on the pairs; IPO's squared    -> dpo_loss, ipo_loss,
+                           loss to a target margin; KTO's single labelled responses       kto_loss, train_direct
+    "... where a verifier provides reward"  --reward gold; the critic-free PPO family    -> group_advantages,
+                           used with it today: GRPO, RLOO                                  leave_one_out_advantages,
+                                                                                           grpo_loss, run_critic_free
     "A complete PPO implementation"  GAE, minimise -L^CLIP + c_vf L^V - c_ent H,       -> compute_gae, ppo_clip_loss,
                                      grad-norm clip                                     value_loss, run_ppo
     "Debugging checklist"  approx KL k1/k3, clip fraction, explained variance,
@@ -920,7 +929,8 @@ def rollout(policy: TinyLM, ref_policy: TinyLM, reward_model: TinyLM, prompts: t
 def run_ppo(policy: TinyLM, ref_policy: TinyLM, reward_model: TinyLM, args: Args, data_gen: torch.Generator,
             device: torch.device, logger: Logger) -> dict:
     """Stage 3: PPO on the per-token RLHF reward. The value model starts as a copy of the reward model (as in
-    InstructGPT): policy, reference, reward and value are the article's "four model copies"."""
+    InstructGPT): policy, reference, reward and value are the article's "four model copies" (three with
+    --reward gold, where the verifier replaces the reward model)."""
     value_model = copy.deepcopy(reward_model).requires_grad_(True)
     params = list(policy.parameters()) + list(value_model.parameters())
     optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5)

@@ -481,6 +481,10 @@ def test_same_seed_same_metrics(tmp_path, monkeypatch):
         (["--n-heads", "5"], "does not divide --d-model 64"),
         (["--demo-max-len", "10"], "--demo-max-len 10 must be in [1, --max-response-len 10)"),
         (["--prompt-len", "14"], "--prompt-len 14 needs"),
+        (["--algo", "grpo", "--group-size", "1"], "--group-size must be >= 2 for --algo grpo"),
+        (["--algo", "rloo", "--group-size", "6"], "--group-size 6 does not divide --rollout-batch-size 256"),
+        (["--direct", "dpo", "dpo"], "--direct names a method twice"),
+        (["--ipo-tau", "0"], "--ipo-tau must be > 0"),
     ],
 )
 def test_bad_input_exits_before_anything_is_written(tmp_path, monkeypatch, argv, message):
@@ -546,3 +550,33 @@ def test_one_evaluation_prompt_is_enough(tmp_path, monkeypatch):
     flags = TINY[: TINY.index("--eval-episodes")] + ["--eval-episodes", "1"]
     summary = rlhf.main(flags)
     assert "gold_reward_ppo" in summary
+
+
+@pytest.mark.parametrize("argv", [
+    ["--algo", "grpo", "--reward", "gold", "--direct", "ipo", "kto"],
+    ["--algo", "rloo"],
+    ["--algo", "ppo", "--reward", "gold", "--direct"],
+], ids=["grpo-gold-ipo-kto", "rloo", "ppo-gold-no-direct"])
+def test_every_method_runs_and_reports_the_same_numbers(tmp_path, monkeypatch, argv):
+    """Each online method and each direct one logs its stage's rows and a summary with gold, proxy, KL and the
+    model copies it holds; with --save-model the checkpoint holds each method's policy and evaluates."""
+    monkeypatch.chdir(tmp_path)
+    summary = rlhf.main(TINY + ["--group-size", "4", "--save-model"] + argv)
+    algo = argv[1]
+    direct = argv[argv.index("--direct") + 1:] if "--direct" in argv else ["dpo"]
+    rows = [json.loads(line) for line in next(tmp_path.glob("runs/*/metrics.jsonl")).read_text().splitlines()]
+    for method in [algo, *direct]:
+        stage_rows = [r for r in rows if r["stage"] == method]
+        assert stage_rows and all(k in stage_rows[-1] for k in ("gold_reward", "proxy_reward", "kl_ref", "entropy"))
+        assert all(f"{key}_{method}" in summary for key in ("gold_reward", "proxy_reward", "kl_ref", "models"))
+    reward = argv[argv.index("--reward") + 1] if "--reward" in argv else "model"
+    assert summary[f"models_{algo}"] == 2 + (algo == "ppo") + (reward == "model")
+    assert all(summary[f"models_{method}"] == 2 for method in direct)
+    if (algo, reward) == ("grpo", "gold"):  # the verifier is GRPO's whole reward (its KL is in the loss)
+        for row in (r for r in rows if r["stage"] == "grpo"):
+            assert row["episodic_return"] == pytest.approx(row["gold_reward"])
+    checkpoint = torch.load(next(tmp_path.glob("runs/*/ppo_rlhf_toy.pt")), weights_only=True)
+    assert {f"{m}_policy" for m in [algo, *direct]} <= set(checkpoint)
+    evaluated = rlhf.main(["--eval-checkpoint", str(next(tmp_path.glob("runs/*/ppo_rlhf_toy.pt"))),
+                           "--eval-episodes", "8"])
+    assert {algo.upper(), *(m.upper() for m in direct)} <= set(evaluated["eval"])
