@@ -346,9 +346,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
 
     Example: group_size 2, rewards [1, 3, 5, 5] -> [-0.7071, 0.7071, 0, 0] (std of [1, 3] is 1.414).
     """
-    grouped = rewards.view(-1, group_size)
+    grouped = rewards.reshape(-1, group_size)  # reshape, not view: any strided [B] tensor will do
     mean, std = grouped.mean(dim=1, keepdim=True), grouped.std(dim=1, keepdim=True)
-    return ((grouped - mean) / (std + eps)).view(-1)
+    return ((grouped - mean) / (std + eps)).reshape(-1)
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -358,9 +358,9 @@ def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Te
 
     Example: k = 3, rewards [1, 2, 6]: baselines [4, 3.5, 1.5] -> [-3, -1.5, 4.5].
     """
-    grouped = rewards.view(-1, group_size)
+    grouped = rewards.reshape(-1, group_size)  # reshape, not view: any strided [B] tensor will do
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - baseline).view(-1)
+    return (grouped - baseline).reshape(-1)
 
 
 def grpo_loss(
