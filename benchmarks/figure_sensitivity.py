@@ -46,7 +46,8 @@ TOTAL_TIMESTEPS = 100_000
 BATCH = 512  # ppo_discrete.py's default 4 envs x 128 steps
 DEFAULTS = {"clip_coef": 0.2, "clip_vloss": True, "learning_rate": 2.5e-4, "update_epochs": 4, "minibatch_size": 128}
 CLIP_COEFS = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 10.0]
-LEARNING_RATES = [2.5e-4 * 3.0**k for k in range(-3, 4)]
+LEARNING_RATES = [2.5e-4 * 3.0**k for k in range(-3, 6)]
+HIGH_LR = 2.5e-4 * 3.0**3  # the clip and the heatmap again at the best learning rate of the LR panel, where the clip acts
 EPOCHS = [1, 2, 4, 10, 30]
 MINIBATCH_SIZES = [512, 128, 32, 16]
 
@@ -81,7 +82,10 @@ def all_cells() -> list[dict]:
     """Every cell of the three panels, without repeats, in the order they run (the 1-D sweeps first)."""
     cells = [dict(DEFAULTS, clip_coef=c, clip_vloss=v) for v in (True, False) for c in CLIP_COEFS]
     cells += [dict(DEFAULTS, learning_rate=lr) for lr in LEARNING_RATES]
-    cells += [dict(DEFAULTS, update_epochs=e, minibatch_size=m) for e in EPOCHS for m in MINIBATCH_SIZES]
+    cells += [dict(DEFAULTS, clip_coef=c, learning_rate=HIGH_LR) for c in CLIP_COEFS]
+    for lr in (DEFAULTS["learning_rate"], HIGH_LR):
+        cells += [dict(DEFAULTS, update_epochs=e, minibatch_size=m, learning_rate=lr)
+                  for e in EPOCHS for m in MINIBATCH_SIZES]
     unique = {}
     for cell in cells:
         unique.setdefault(cell_name(cell), cell)
@@ -146,55 +150,54 @@ def plot(cells: dict[str, dict], out_png: Path) -> None:
     def find(**changed):
         return cells.get(cell_name(dict(DEFAULTS, **changed)))
 
-    n_seeds = {len(c["returns"]) for c in cells.values()}
-    fig, (ax_clip, ax_lr, ax_grid) = plt.subplots(1, 3, figsize=(16, 4.6))
-    for clip_vloss, label in ((True, "value clip +-eps too (the default)"), (False, "--no-clip-vloss")):
-        xs = [c for c in CLIP_COEFS if find(clip_coef=c, clip_vloss=clip_vloss)]
-        rs = [find(clip_coef=c, clip_vloss=clip_vloss)["returns"] for c in xs]
-        (line,) = ax_clip.plot(xs, [r.mean() for r in rs], marker="o", label=label)
-        ax_clip.fill_between(xs, [r.mean() - r.std() for r in rs], [r.mean() + r.std() for r in rs],
-                             color=line.get_color(), alpha=0.15)
+    def sweep(ax, xs, found, label=None):
+        """Mean +- std over seeds against x (points of cells not stored yet are left out), seeds as dots."""
+        xs, rs = zip(*[(x, c["returns"]) for x, c in zip(xs, found) if c]) if any(found) else ((), ())
+        (line,) = ax.plot(xs, [r.mean() for r in rs], marker="o", label=label)
+        ax.fill_between(xs, [r.mean() - r.std() for r in rs], [r.mean() + r.std() for r in rs],
+                        color=line.get_color(), alpha=0.15)
         for x, r in zip(xs, rs):
-            ax_clip.scatter([x] * len(r), r, s=6, color=line.get_color(), alpha=0.4)
-    ax_clip.set_xscale("log")
-    ax_clip.set_xlabel("clip eps (--clip-coef); 10 = never clipped")
+            ax.scatter([x] * len(r), r, s=6, color=line.get_color(), alpha=0.4)
+
+    n_seeds = {len(c["returns"]) for c in cells.values()}
+    fig, ((ax_clip, ax_lr), (ax_grid, ax_grid_high)) = plt.subplots(2, 2, figsize=(13, 9.5))
+    for clip_vloss, lr, label in ((True, DEFAULTS["learning_rate"], "lr 2.5e-4 (default)"),
+                                  (False, DEFAULTS["learning_rate"], "lr 2.5e-4, --no-clip-vloss"),
+                                  (True, HIGH_LR, f"lr {HIGH_LR:.3g}")):
+        sweep(ax_clip, CLIP_COEFS, [find(clip_coef=c, clip_vloss=clip_vloss, learning_rate=lr) for c in CLIP_COEFS],
+              label)
+    ax_clip.set_xlabel("clip eps (--clip-coef; also the value clip unless --no-clip-vloss); 10: never clips")
     ax_clip.set_title("clip eps")
     ax_clip.legend(fontsize=8)
-
-    xs = [lr for lr in LEARNING_RATES if find(learning_rate=lr)]
-    rs = [find(learning_rate=lr)["returns"] for lr in xs]
-    (line,) = ax_lr.plot(xs, [r.mean() for r in rs], marker="o")
-    ax_lr.fill_between(xs, [r.mean() - r.std() for r in rs], [r.mean() + r.std() for r in rs],
-                       color=line.get_color(), alpha=0.15)
-    for x, r in zip(xs, rs):
-        ax_lr.scatter([x] * len(r), r, s=6, color=line.get_color(), alpha=0.4)
+    sweep(ax_lr, LEARNING_RATES, [find(learning_rate=lr) for lr in LEARNING_RATES])
     ax_lr.axvline(DEFAULTS["learning_rate"], color="grey", ls=":", lw=1)
-    ax_lr.set_xscale("log")
-    ax_lr.set_xlabel("learning rate (points a factor of 3 apart; dotted: default 2.5e-4)")
+    ax_lr.set_xlabel("learning rate (points a factor of 3 apart; dotted: the default 2.5e-4)")
     ax_lr.set_title("learning rate")
     for ax in (ax_clip, ax_lr):
+        ax.set_xscale("log")
         ax.set_ylabel("final return (mean of last 100 episodes)")
         ax.grid(alpha=0.3)
 
-    grid = np.full((len(EPOCHS), len(MINIBATCH_SIZES)), np.nan)
-    kls = np.full_like(grid, np.nan)
-    for i, e in enumerate(EPOCHS):
-        for j, m in enumerate(MINIBATCH_SIZES):
-            c = find(update_epochs=e, minibatch_size=m)
-            if c:
-                grid[i, j], kls[i, j] = c["returns"].mean(), c["kl"].mean()
-    image = ax_grid.imshow(grid, cmap="viridis", origin="lower", aspect="auto", vmin=0, vmax=500)
-    for i in range(len(EPOCHS)):
-        for j in range(len(MINIBATCH_SIZES)):
-            if not np.isnan(grid[i, j]):
-                ax_grid.text(j, i, f"{grid[i, j]:.0f}\nKL {kls[i, j]:.3f}", ha="center", va="center", fontsize=7,
-                             color="white" if grid[i, j] < 300 else "black")
-    ax_grid.set_xticks(range(len(MINIBATCH_SIZES)), [str(m) for m in MINIBATCH_SIZES])
-    ax_grid.set_yticks(range(len(EPOCHS)), [str(e) for e in EPOCHS])
-    ax_grid.set_xlabel("minibatch size (batch 512)")
-    ax_grid.set_ylabel("update epochs")
-    ax_grid.set_title("final return; mean approx KL per update")
-    fig.colorbar(image, ax=ax_grid, fraction=0.05)
+    for ax, lr in ((ax_grid, DEFAULTS["learning_rate"]), (ax_grid_high, HIGH_LR)):
+        grid = np.full((len(EPOCHS), len(MINIBATCH_SIZES)), np.nan)
+        kls = np.full_like(grid, np.nan)
+        for i, e in enumerate(EPOCHS):
+            for j, m in enumerate(MINIBATCH_SIZES):
+                c = find(update_epochs=e, minibatch_size=m, learning_rate=lr)
+                if c:
+                    grid[i, j], kls[i, j] = c["returns"].mean(), c["kl"].mean()
+        image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto", vmin=0, vmax=500)
+        for i in range(len(EPOCHS)):
+            for j in range(len(MINIBATCH_SIZES)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.0f}\nKL {kls[i, j]:.1e}", ha="center", va="center", fontsize=8,
+                            color="white" if grid[i, j] < 300 else "black")
+        ax.set_xticks(range(len(MINIBATCH_SIZES)), [str(m) for m in MINIBATCH_SIZES])
+        ax.set_yticks(range(len(EPOCHS)), [str(e) for e in EPOCHS])
+        ax.set_xlabel("minibatch size (of a 512-sample batch)")
+        ax.set_ylabel("update epochs")
+        ax.set_title(f"lr {lr:.3g}: final return; mean approx KL (k3) per update")
+        fig.colorbar(image, ax=ax, fraction=0.05)
     seeds = f"{min(n_seeds)} seeds" if len(n_seeds) == 1 else f"{min(n_seeds)}-{max(n_seeds)} seeds"
     fig.suptitle(f"ppo_discrete.py on {ENV_ID}, {TOTAL_TIMESTEPS // 1000}k steps, {seeds} per point "
                  "(mean +- std; dots: seeds)")
