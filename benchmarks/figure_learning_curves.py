@@ -2,7 +2,7 @@
 ("TRPO vs PPO: head to head": "PPO-Clip dominates A2C across the board and edges past TRPO on most tasks while
 running roughly 10x faster per wall-clock second").
 
-    python benchmarks/figure_learning_curves.py              # train what is not stored yet (~1 h on 2 cores), draw
+    python benchmarks/figure_learning_curves.py              # train what is not stored yet (~40 min on 2 cores), draw
     python benchmarks/figure_learning_curves.py --plot-only  # draw from benchmarks/results/article_figures/curves/
 
 Three algorithms, each with its script's defaults, 1M steps, seeds 1-3, on HalfCheetah-v4 and Hopper-v4:
@@ -16,10 +16,10 @@ networks and normalisers. It is not A2C's exact recipe (RMSProp, 5-step rollouts
 the comparison the article's claim is about: the same data used once and unconstrained, against PPO's 10 epochs
 inside the clip and TRPO's one KL-bounded natural-gradient step.
 
-Each (algorithm, env) is one `benchmarks/run.py ... --seeds 1 2 3 --jobs 2` into
+Each (algorithm, env) is one `benchmarks/run.py ... --seeds 1 2 3 --jobs 3` into
 benchmarks/results/article_figures/curves/<algorithm>/<env>/ (run.py's compact per-iteration metrics and summary,
-~35 KB a seed), run one after another, so every run shares the 2 cores with one other run of the same algorithm
-(seed 3 runs alone; its clock is the fastest of the three). A folder with a summary is not run again: kill it and
+~35 KB a seed), one after another: the three seeds of one algorithm run together on the 2 cores, so every run's
+clock is measured under the same load (each run gets ~2/3 of a core: about 1.5x its time alone). A folder with a summary is not run again: kill it and
 start it again, it goes on from the next one. The figure, benchmarks/figures/ppo_trpo_a2c.png, has one row per
 env: return (mean of the last 100 episodes) against steps (mean +- std over seeds) and against the training loop's
 wall-clock (one line per seed). The table printed is the one in RESULTS.md. Needs matplotlib to draw.
@@ -106,7 +106,7 @@ def plot(results: Path, out_png: Path) -> None:
             for i, (_, seconds, value) in enumerate(seeds):
                 ax_time.plot(seconds, value, color=color, lw=1, alpha=0.8, label=algorithm if i == 0 else None)
         ax_steps.set_xlabel("environment steps")
-        ax_time.set_xlabel("wall-clock seconds of the training loop (one line per seed; 2 runs on 2 cores)")
+        ax_time.set_xlabel("wall-clock seconds of the training loop (one line per seed; 3 runs on 2 cores)")
         for ax in (ax_steps, ax_time):
             ax.set_ylabel(f"{env_id}: return (last 100 episodes)")
             ax.grid(alpha=0.3)
@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path,
                         default=ROOT / "benchmarks" / "results" / "article_figures" / "curves")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "figures" / "ppo_trpo_a2c.png")
-    parser.add_argument("--jobs", type=int, default=2, help="seeds run at once")
+    parser.add_argument("--jobs", type=int, default=3, help="seeds run at once")
     parser.add_argument("--plot-only", action="store_true", help="run nothing: draw from the stored runs")
     args = parser.parse_args()
     if not args.plot_only:

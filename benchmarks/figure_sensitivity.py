@@ -7,17 +7,19 @@ return. The epochs x batch heatmap reveals an interaction: too many epochs on a 
 
 Env and budget: CartPole-v1 at 100k steps (195 iterations of 4 envs x 128 steps), every other flag ppo_discrete.py's
 default (cleanrl's). At 500k steps every sane setting reaches 500 and nothing shows; at 100k a default run is
-half-way (~270), so better and worse settings both have room, and a run takes ~10 s, so that 6 seeds of
-every cell fit in well under the 90 minutes this sweep may take on 2 cores.
+half-way (~250), so better and worse settings both have room, and a run takes ~10 s (up to ~100 s with 30 epochs
+of 16-sample minibatches), so 6 seeds of every cell fit in about an hour on 2 cores.
 
 The cells, each one `benchmarks/run.py ppo_discrete.py CartPole-v1 --seeds 1 ... 6` with only the swept flags
-changed (the cell where they equal the defaults is run once and shared by all three panels):
-    clip eps      --clip-coef in 0.02 ... 10 (10: the ratio never reaches the clip), twice: as a user gets it
-                  (ppo_discrete.py, like cleanrl and PPO2, also clips the value update to +-clip_coef) and with
-                  --no-clip-vloss (only the policy's clip moves)
-    learning rate --learning-rate 2.5e-4 x 3^k, k = -3 ... 3 (factors of 3, the article's unit), annealed to 0
+changed (a cell shared by two panels runs once):
+    learning rate --learning-rate 2.5e-4 x 3^k, k = -3 ... 5 (factors of 3, the article's unit), annealed to 0.
+                  At this budget the default 2.5e-4 is far below the best, 6.75e-3 (= HIGH_LR, k = 3).
+    clip eps      --clip-coef in 0.02 ... 10 (10: the ratio never reaches the clip), three times: at the default
+                  learning rate as a user gets it (ppo_discrete.py, like cleanrl and PPO2, also clips the value
+                  update to +-clip_coef), the same with --no-clip-vloss (only the policy's clip moves), and at
+                  HIGH_LR, where the clip acts (at 2.5e-4 it clips < 1% of the samples for eps >= 0.1)
     epochs x minibatch size   --update-epochs 1 2 4 10 30 x minibatches of 512, 128, 32, 16 samples
-                  (--num-minibatches 1 4 16 32 of the 512-sample batch)
+                  (--num-minibatches 1 4 16 32 of the 512-sample batch), at 2.5e-4 and at HIGH_LR
 
 Each cell is stored as it finishes, in benchmarks/results/sensitivity/<cell>/summary.json (run.py's summary:
 command, seeds, machine, date, every seed's final return = mean of its last 100 episodes, plus the mean over
@@ -47,7 +49,7 @@ BATCH = 512  # ppo_discrete.py's default 4 envs x 128 steps
 DEFAULTS = {"clip_coef": 0.2, "clip_vloss": True, "learning_rate": 2.5e-4, "update_epochs": 4, "minibatch_size": 128}
 CLIP_COEFS = [0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 10.0]
 LEARNING_RATES = [2.5e-4 * 3.0**k for k in range(-3, 6)]
-HIGH_LR = 2.5e-4 * 3.0**3  # the clip and the heatmap again at the best learning rate of the LR panel, where the clip acts
+HIGH_LR = 2.5e-4 * 3.0**3  # the LR panel's best; the clip panel and the heatmap are run again there
 EPOCHS = [1, 2, 4, 10, 30]
 MINIBATCH_SIZES = [512, 128, 32, 16]
 
