@@ -18,9 +18,9 @@ inside the clip and TRPO's one KL-bounded natural-gradient step.
 
 Each (algorithm, env) is one `benchmarks/run.py ... --seeds 1 2 3 --jobs 3` into
 benchmarks/results/article_figures/curves/<algorithm>/<env>/ (run.py's compact per-iteration metrics and summary,
-~35 KB a seed), one after another: the three seeds of one algorithm run together on the 2 cores, so every run's
-clock is measured under the same load (each run gets ~2/3 of a core: about 1.5x its time alone). A folder with a summary is not run again: kill it and
-start it again, it goes on from the next one. The figure, benchmarks/figures/ppo_trpo_a2c.png, has one row per
+~40 KB a seed), one after another: the three seeds of one algorithm run together on the 2 cores, so every run's
+clock is measured under the same load (each run gets ~2/3 of a core: about 1.5x its time alone). A folder with a
+summary is not run again: kill it and start it again, it goes on from the next one. The figure, benchmarks/figures/ppo_trpo_a2c.png, has one row per
 env: return (mean of the last 100 episodes) against steps (mean +- std over seeds) and against the training loop's
 wall-clock (one line per seed). The table printed is the one in RESULTS.md. Needs matplotlib to draw.
 """
