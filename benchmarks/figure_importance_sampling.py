@@ -48,9 +48,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import ppo_continuous  # noqa: E402
 import ppo_discrete  # noqa: E402
 import trpo  # noqa: E402
+from plot import pyplot  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "results" / "article_figures" / "importance_sampling.json"
 FIGURE = ROOT / "benchmarks" / "figures" / "importance_sampling.png"
@@ -285,13 +287,7 @@ def report(case: dict) -> str:
 
 
 def plot(data: dict, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
 
     cases = data["cases"]
     fig, axes = plt.subplots(len(cases), 2, figsize=(13, 4.6 * len(cases)), squeeze=False)

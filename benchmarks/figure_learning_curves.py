@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plot import load_seeds, mean_std_on_grid  # noqa: E402
+from plot import load_seeds, mean_std_on_grid, pyplot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENVS = ["HalfCheetah-v4", "Hopper-v4"]
@@ -83,13 +83,7 @@ def table(results: Path) -> str:
 
 
 def plot(results: Path, out_png: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(ENVS), 2, figsize=(12, 4.2 * len(ENVS)), squeeze=False)
     for row, env_id in enumerate(ENVS):

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import ppo_penalty  # noqa: E402
 from compact import read_metrics  # noqa: E402
+from plot import pyplot  # noqa: E402
 from plot_beta import load  # noqa: E402
 
 ENV_ID = "CartPole-v1"
@@ -189,13 +190,7 @@ def report(data: dict) -> str:
 
 
 def plot(data: dict, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
 
     fig = plt.figure(figsize=(15, 6.5), layout="constrained")
     left, right = fig.subfigures(1, 2, width_ratios=[1.1, 1])

@@ -41,6 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compact import read_metrics  # noqa: E402
+from plot import pyplot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_ID = "CartPole-v1"
@@ -141,13 +142,7 @@ def table(cells: dict[str, dict]) -> str:
 
 
 def plot(cells: dict[str, dict], out_png: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
 
     def find(**changed):
         return cells.get(cell_name(dict(DEFAULTS, **changed)))

@@ -46,8 +46,10 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import ppo_discrete  # noqa: E402
 import trpo  # noqa: E402
+from plot import pyplot  # noqa: E402
 
 OUT_JSON = ROOT / "benchmarks" / "results" / "article_figures" / "surrogate_vs_true.json"
 OUT_PNG = ROOT / "benchmarks" / "figures" / "surrogate_vs_true.png"
@@ -244,13 +246,7 @@ def summary(data: dict) -> str:
 
 
 def plot(data: dict, out_png: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
 
     n = len(data["slices"])
     fig, axes = plt.subplots(2, n, figsize=(6.8 * n, 6.8), sharex="col", squeeze=False,

@@ -43,7 +43,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import trpo  # noqa: E402
+from plot import pyplot  # noqa: E402
 
 PEAK_WIDTH, PEAK_HEIGHT = 0.2, 0.7  # the narrow ridge
 HILL_WIDTH, HILL_HEIGHT = 1.5, 0.3  # the broad hill under it, so that J has a slope far from the ridge
@@ -183,13 +185,7 @@ def ellipse(center, fisher, max_kl: float, points: int = 60):
 
 
 def plot(data: dict, out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
 
     vanilla, trust = data["vanilla"]["1.0"], data["trpo"]
     both = np.array(vanilla["path"] + trust["path"])

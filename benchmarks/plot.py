@@ -45,6 +45,18 @@ def mean_std_on_grid(xs: list[np.ndarray], ys: list[np.ndarray], points: int = 2
     return grid, stacked.mean(0), stacked.std(0)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or exit with one line saying how to install it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", help="run.py result folders; join several with commas for one curve")
@@ -56,13 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.label and len(args.label) != len(args.folders):
         parser.error(f"{len(args.label)} --label for {len(args.folders)} curves: give one per curve or none")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    plt = pyplot()
 
     fig, (ax_steps, ax_time) = plt.subplots(1, 2, figsize=(11, 4))
     for i, spec in enumerate(args.folders):
