@@ -356,10 +356,11 @@ def main() -> None:
             raise SystemExit(f"error: no {DATA}; run without --plot-only first")
         data = json.loads(DATA.read_text())
     else:
-        data = {"command": "python benchmarks/figure_importance_sampling.py", "bins": BINS.tolist(),
-                "cases": [measure(env_id, steps) for env_id, steps in TRAIN_STEPS.items()]}
+        # rounded before drawing too, so a run and a --plot-only draw the same figure
+        data = rounded({"command": "python benchmarks/figure_importance_sampling.py", "bins": BINS.tolist(),
+                        "cases": [measure(env_id, steps) for env_id, steps in TRAIN_STEPS.items()]})
         DATA.parent.mkdir(parents=True, exist_ok=True)
-        DATA.write_text(json.dumps(rounded(data)) + "\n")
+        DATA.write_text(json.dumps(data) + "\n")
         print(f"wrote {DATA}")
     for case in data["cases"]:
         print(report(case))
