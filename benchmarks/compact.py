@@ -39,6 +39,17 @@ def rounded(value):
     return float(f"{value:.{DIGITS}g}") if isinstance(value, float) else value
 
 
+def rounded_tree(x, digits: int):
+    """Every float in nested lists and dicts to `digits` significant digits (a figure's data, kept small)."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, list):
+        return [rounded_tree(v, digits) for v in x]
+    if isinstance(x, dict):
+        return {k: rounded_tree(v, digits) for k, v in x.items()}
+    return x
+
+
 def to_columns(rows: list[dict]) -> dict:
     key_sets: list[list[str]] = []
     which = []

@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import ppo_continuous  # noqa: E402
 import ppo_discrete  # noqa: E402
 import trpo  # noqa: E402
+from compact import rounded_tree  # noqa: E402
 from plot import pyplot  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "results" / "article_figures" / "importance_sampling.json"
@@ -336,17 +337,6 @@ def plot(data: dict, out: Path) -> None:
     print(f"wrote {out}")
 
 
-def rounded(x):
-    """Floats to 5 significant digits, so the JSON stays small."""
-    if isinstance(x, float):
-        return float(f"{x:.5g}")
-    if isinstance(x, dict):
-        return {key: rounded(value) for key, value in x.items()}
-    if isinstance(x, list):
-        return [rounded(value) for value in x]
-    return x
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plot-only", action="store_true", help=f"train nothing: draw from {DATA.relative_to(ROOT)}")
@@ -357,8 +347,8 @@ def main() -> None:
         data = json.loads(DATA.read_text())
     else:
         # rounded before drawing too, so a run and a --plot-only draw the same figure
-        data = rounded({"command": "python benchmarks/figure_importance_sampling.py", "bins": BINS.tolist(),
-                        "cases": [measure(env_id, steps) for env_id, steps in TRAIN_STEPS.items()]})
+        data = rounded_tree({"command": "python benchmarks/figure_importance_sampling.py", "bins": BINS.tolist(),
+                             "cases": [measure(env_id, steps) for env_id, steps in TRAIN_STEPS.items()]}, 5)
         DATA.parent.mkdir(parents=True, exist_ok=True)
         DATA.write_text(json.dumps(data) + "\n")
         print(f"wrote {DATA}")

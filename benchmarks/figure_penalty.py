@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import ppo_penalty  # noqa: E402
-from compact import read_metrics  # noqa: E402
+from compact import read_metrics, rounded_tree  # noqa: E402
 from plot import pyplot  # noqa: E402
 from plot_beta import load  # noqa: E402
 
@@ -162,17 +162,6 @@ def compute(total_timesteps: int = TOTAL_TIMESTEPS, batch_steps: int = BATCH_STE
             "line": line_objectives(agent, batch, t_grid, BETAS), "schedule": schedule(HALFCHEETAH_RUN)}
 
 
-def rounded(x):
-    """Floats to 6 significant digits, through lists and dicts: a small JSON, the same figure."""
-    if isinstance(x, float):
-        return float(f"{x:.6g}")
-    if isinstance(x, list):
-        return [rounded(v) for v in x]
-    if isinstance(x, dict):
-        return {k: rounded(v) for k, v in x.items()}
-    return x
-
-
 def report(data: dict) -> str:
     lines = [f"pi_old: ppo_penalty.py, {data['env_id']}, {data['pi_old_total_timesteps']} steps, seed {data['seed']}; "
              f"batch {data['batch_steps']} steps, {data['batch_episodes']} episodes ended; "
@@ -264,7 +253,7 @@ def main() -> None:
             raise SystemExit(f"error: no {args.data}; run without --plot-only first")
         data = json.loads(args.data.read_text())
     else:
-        data = rounded(compute())
+        data = rounded_tree(compute(), 6)  # a small JSON, the same figure
         args.data.parent.mkdir(parents=True, exist_ok=True)
         args.data.write_text(json.dumps(data, separators=(",", ":")) + "\n")
     print(report(data))

@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import trpo  # noqa: E402
+from compact import rounded_tree  # noqa: E402
 from plot import pyplot  # noqa: E402
 
 PEAK_WIDTH, PEAK_HEIGHT = 0.2, 0.7  # the narrow ridge
@@ -150,17 +151,6 @@ def compute(steps: int = STEPS) -> dict:
     }
 
 
-def rounded(x):
-    """Floats to 6 significant digits, through lists and dicts: the JSON stays small, the figure the same."""
-    if isinstance(x, float):
-        return float(f"{x:.6g}")
-    if isinstance(x, list):
-        return [rounded(v) for v in x]
-    if isinstance(x, dict):
-        return {k: rounded(v) for k, v in x.items()}
-    return x
-
-
 def report(data: dict) -> str:
     trust = data["trpo"]
     shrunk = sum(b > 0 for b in trust["backtracks"])
@@ -246,7 +236,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "benchmarks/results/article_figures/trust_region.json")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/figures/trust_region.png")
     args = parser.parse_args()
-    data = rounded(compute())
+    data = rounded_tree(compute(), 6)  # a small JSON, the same figure
     args.data.parent.mkdir(parents=True, exist_ok=True)
     args.data.write_text(json.dumps(data, separators=(",", ":")) + "\n")
     print(report(data))

@@ -17,7 +17,7 @@ figure = importlib.import_module("figure_penalty")
 
 def test_penalty_figure_at_a_tiny_size(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing of the training run may be left behind, here or in the repo
-    data = figure.rounded(figure.compute(total_timesteps=512, batch_steps=256))
+    data = figure.rounded_tree(figure.compute(total_timesteps=512, batch_steps=256), 6)
     assert not list(tmp_path.iterdir())
     line = data["line"]
     zero = line["t"].index(0.0)

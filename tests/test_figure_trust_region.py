@@ -39,7 +39,7 @@ def test_fisher_is_the_gaussian_one():
 
 
 def test_paths_at_a_few_steps(tmp_path):
-    data = figure.rounded(figure.compute(steps=8))
+    data = figure.rounded_tree(figure.compute(steps=8), 6)
     trust, vanilla = data["trpo"], data["vanilla"]["1.0"]
     assert len(trust["path"]) == len(trust["J"]) == len(trust["fisher"]) == 9
     assert trust["path"][0] == vanilla["path"][0] == list(figure.THETA_0)
